@@ -1,0 +1,184 @@
+"""The recipe: one validated description of an experiment (YAML file + CLI overrides).
+
+Every field is checked by pydantic; a bad field becomes one ``RecipeError`` line naming the
+file, the dotted field, the value and what is expected (with a close match for unknown fields).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekd.errors import RecipeError
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "radio-default.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSpec(Section):
+    """Which dataset and how much of it."""
+
+    name: str = Field("radio-synthetic", description="dataset registry name: radio-synthetic, rml2016, rml2018")
+    path: Path | None = Field(None, description="file for rml2016 (.pkl) / rml2018 (.hdf5)")
+    frames_per_class_snr: int = Field(40, ge=1, description="synthetic frames per (modulation, SNR) pair")
+    snr_min: int = Field(-20, ge=-40, le=40, description="lowest SNR in dB kept")
+    snr_max: int = Field(18, ge=-40, le=40, description="highest SNR in dB kept")
+    frame_length: int = Field(128, ge=16, description="IQ samples per frame")
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share for evaluation")
+    max_frames: int | None = Field(None, ge=1, description="cap on frames read from a file dataset")
+
+
+class TrainSpec(Section):
+    """Optimisation settings shared by teacher training and distillation."""
+
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class TeacherSpec(Section):
+    model: str = Field("edgekd:clst", description="edgekd:<name>, or a checkpoint path")
+    checkpoint: Path | None = Field(None, description="trained teacher weights; trained here when absent")
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=15))
+
+
+class StudentSpec(Section):
+    model: str = Field("edgekd:kd-cnn", description="edgekd:kd-cnn, edgekd:kd-mobilenet, edgekd:cnn")
+    checkpoint: Path | None = Field(None, description="initial student weights (optional)")
+
+
+class DistillSpec(Section):
+    method: str = Field("skd", description="distillation method: none (labels only), kd, skd")
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term vs the label term")
+    beta: float = Field(0.5, ge=0, description="SKD: weight of the teacher-knowledge (feature) term")
+    teacher_cache: bool = Field(True, description="compute teacher outputs once and reuse them")
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=15))
+
+
+class ExportSpec(Section):
+    opset: int = Field(18, ge=13, le=23)
+    tolerance: float = Field(1e-4, gt=0, description="max |ONNX - PyTorch| accepted")
+    parity_samples: int = Field(64, ge=1)
+
+
+class QuantizeSpec(Section):
+    enabled: bool = True
+    calibration_samples: int = Field(512, ge=1, description="train frames used for calibration")
+    per_channel: bool = True
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    min_calibration_samples: int = Field(16, ge=1)
+
+
+class ProfileSpec(Section):
+    warmup: int = Field(20, ge=0)
+    iterations: int = Field(200, ge=1)
+    batch_size: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1, description="intra-op threads; default: all cores")
+    eval_samples: int | None = Field(None, ge=1, description="cap on held-out frames evaluated")
+
+
+class Recipe(Section):
+    """A whole experiment."""
+
+    name: str = Field("radio-default", pattern=r"^[A-Za-z0-9._-]+$", description="run directory name")
+    seed: int = 0
+    target: str = Field("cpu", description="target name or alias from targets/")
+    runs_dir: Path = Field(Path("models/runs"), description="where run directories are created")
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at the location of an unknown key (for the did-you-mean hint)."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        current = field.annotation
+    return list(current.model_fields)
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    loc = tuple(error["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(Recipe, loc), n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+        return f"{source}: unknown field {dotted!r}{hint}"
+    return f"{source}: field {dotted!r} = {error.get('input')!r}: {error['msg']}"
+
+
+def build_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(_describe(exc.errors()[0], source)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} not found; pass an existing YAML file to --recipe")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"{path}:{where} malformed YAML: {problem}; fix the file's syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of fields, got {type(loaded).__name__}")
+    return loaded
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``distill.epochs=5`` → (['distill', 'epochs'], 5); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set distill.train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Recipe from ``path`` (default: the built-in radio recipe) with dotted ``overrides`` applied."""
+    source = path if path is not None else DEFAULT_RECIPE
+    data = read_yaml(source) if source.is_file() or path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    return build_recipe(data, source=str(source))
