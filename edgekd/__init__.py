@@ -1,0 +1,16 @@
+"""edgekd: distil a compact student from a teacher, compile it for an edge target, and prove how fast
+and how accurate the deployed artifact is."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("edgekd")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+
+def compress(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export of edgekd.api.compress
+    """Run the whole pipeline; see :func:`edgekd.api.compress`."""
+    from edgekd.api import compress as run
+
+    return run(*args, **kwargs)

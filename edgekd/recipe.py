@@ -25,7 +25,9 @@ class Section(BaseModel):
 class DataSpec(Section):
     """Which dataset and how much of it."""
 
-    name: str = Field("radio-synthetic", description="dataset registry name: radio-synthetic, rml2016, rml2018")
+    name: str = Field(
+        "radio-synthetic", description="dataset registry name: radio-synthetic, rml2016, rml2018"
+    )
     path: Path | None = Field(None, description="file for rml2016 (.pkl) / rml2018 (.hdf5)")
     frames_per_class_snr: int = Field(40, ge=1, description="synthetic frames per (modulation, SNR) pair")
     snr_min: int = Field(-20, ge=-40, le=40, description="lowest SNR in dB kept")
@@ -45,7 +47,7 @@ class TrainSpec(Section):
 
 
 class TeacherSpec(Section):
-    model: str = Field("edgekd:clst", description="edgekd:<name>, or a checkpoint path")
+    model: str = Field("edgekd:clst", description="teacher architecture, edgekd:<name>")
     checkpoint: Path | None = Field(None, description="trained teacher weights; trained here when absent")
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=15))
 
@@ -111,7 +113,11 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     current: Any = model
     for part in loc[:-1]:
         field = current.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+        if (
+            field is None
+            or not isinstance(field.annotation, type)
+            or not issubclass(field.annotation, BaseModel)
+        ):
             return []
         current = field.annotation
     return list(current.model_fields)

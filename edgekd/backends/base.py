@@ -1,0 +1,103 @@
+"""The interface every runtime backend implements: compile an ONNX model, load it, run batches.
+
+This module imports nothing heavier than numpy, so a device that has only numpy and its runtime
+can load and profile artifacts.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import numpy as np
+
+from edgekd.errors import RecipeError
+
+if TYPE_CHECKING:
+    from edgekd.quantize.calibration import CalibrationSet
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class Artifact:
+    """A compiled model file for one backend at one precision, with what produced it."""
+
+    path: Path
+    backend: str
+    precision: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if self.precision not in PRECISIONS:
+            raise RecipeError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "precision": self.precision,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Artifact:
+        """Inverse of :meth:`to_dict` (e.g. when reading a finished stage's ``stage.json``)."""
+        return cls(Path(data["path"]), data["backend"], data["precision"], dict(data.get("metadata", {})))
+
+
+class Runner(Protocol):
+    """A loaded model: ``run`` maps an input batch to an output batch (logits)."""
+
+    info: dict[str, Any]  # threads, providers, runtime version, settings that affect speed
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class Backend(ABC):
+    """One runtime. Subclasses import their runtime inside methods, never at module level."""
+
+    name: ClassVar[str]
+    install: ClassVar[str]  # how to get the runtime, shown when it is missing
+    precisions: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def available(self) -> tuple[bool, str]:
+        """``(True, "")`` when usable here, else ``(False, why)``."""
+
+    @abstractmethod
+    def compile(
+        self, onnx_path: Path, out_dir: Path, precision: str, calib: CalibrationSet | None
+    ) -> Artifact:
+        """Build this backend's artifact of ``onnx_path`` at ``precision`` in ``out_dir``."""
+
+    @abstractmethod
+    def load(self, artifact: Artifact, threads: int | None = None) -> Runner:
+        """Load ``artifact`` for inference with ``threads`` intra-op threads (default: all usable cores)."""
+
+    def check_precision(self, precision: str) -> None:
+        """Raise a one-line RecipeError when this backend cannot build ``precision``."""
+        if precision not in self.precisions:
+            raise RecipeError(
+                f"backend {self.name!r} supports precisions {', '.join(self.precisions)}, not {precision!r}; "
+                f"change the target's precisions"
+            )
+
+
+def default_threads() -> int:
+    """Cores this process may run on (CPU affinity where the OS reports it, else the core count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def resolve_threads(threads: int | None) -> int:
+    if threads is None:
+        return default_threads()
+    if threads < 1:
+        raise RecipeError(f"profile.threads must be >= 1 (or unset for all cores), got {threads}")
+    return threads

@@ -1,0 +1,135 @@
+"""ONNX Runtime on the CPU: FP32 (the exported ONNX as is) and INT8 (static QDQ quantisation).
+
+onnxruntime is imported inside methods only; loading and running need nothing but numpy and
+onnxruntime, so this module also serves on a device without torch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgekd.atomic import atomic_path
+from edgekd.backends import BACKENDS
+from edgekd.backends.base import PRECISIONS, Artifact, Backend, resolve_threads
+from edgekd.errors import ExportError, ModelError, QuantizeError, RecipeError
+from edgekd.hashing import sha256_file
+
+if TYPE_CHECKING:
+    from edgekd.quantize.calibration import CalibrationSet
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+class OrtRunner:
+    """An ``onnxruntime.InferenceSession`` with one input and one (first) output."""
+
+    def __init__(self, session: Any, info: dict[str, Any]) -> None:
+        self._session = session
+        model_input = session.get_inputs()[0]
+        self._input = model_input.name
+        self._output = [session.get_outputs()[0].name]
+        self._dtype = _NUMPY_TYPES.get(model_input.type, np.float32)
+        self._path = info["artifact"]
+        self.info = info
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return self._session.run(self._output, {self._input: np.asarray(batch, dtype=self._dtype)})[0]
+        except Exception as exc:  # onnxruntime raises its own exception types for bad inputs
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            raise ModelError(f"{self._path} rejected a batch of shape {np.shape(batch)}: {first}") from exc
+
+
+@BACKENDS.register("onnxruntime", aliases=("ort",))
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime, CPUExecutionProvider, sequential execution, all graph optimisations."""
+
+    name = "onnxruntime"
+    install = "pip install onnxruntime"
+    precisions = ("fp32", "int8")
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return False, f"onnxruntime cannot be imported ({exc})"
+        if "CPUExecutionProvider" not in ort.get_available_providers():
+            return False, f"onnxruntime {ort.__version__} has no CPUExecutionProvider"
+        return True, ""
+
+    def compile(
+        self, onnx_path: Path, out_dir: Path, precision: str, calib: CalibrationSet | None
+    ) -> Artifact:
+        """FP32: copy ``onnx_path`` into ``out_dir``. INT8: quantise it with ``calib`` (per-channel, minmax).
+
+        An ONNX file that is already QDQ-quantised (e.g. by the quantize stage with the recipe's
+        settings) is copied as the INT8 artifact without calibration.
+        """
+        import onnx
+
+        from edgekd.quantize.ort import is_quantized, quantize_static_int8
+
+        self.check_precision(precision)
+        source = Path(onnx_path)
+        if not source.is_file():
+            raise ExportError(
+                f"ONNX model {source} not found; run the export stage first or pass an existing file"
+            )
+        base, _, suffix = source.stem.rpartition(".")
+        target = Path(out_dir) / f"{base if suffix in PRECISIONS else source.stem}.{precision}.onnx"
+        already_int8 = is_quantized(onnx.load(str(source), load_external_data=False))
+        if precision == "fp32" and already_int8:
+            raise RecipeError(
+                f"{source} is INT8-quantised; compile it with precision int8, or pass the FP32 model"
+            )
+        if precision == "fp32" or already_int8:
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            metadata: dict[str, Any] = {"source": str(source)}
+        elif calib is None:
+            raise QuantizeError(
+                f"backend {self.name!r}: int8 needs a calibration set; "
+                f"enable quantize or choose precision fp32"
+            )
+        else:
+            metadata = {"source": str(source), "quantization": quantize_static_int8(source, target, calib)}
+        metadata.update(size_bytes=target.stat().st_size, sha256=sha256_file(target))
+        return Artifact(target, self.name, precision, metadata)
+
+    def load(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:
+        import onnxruntime as ort
+
+        if artifact.backend != self.name:
+            raise RecipeError(
+                f"artifact {artifact.path} was built for backend {artifact.backend!r}, not {self.name!r}"
+            )
+        if not artifact.path.is_file():
+            raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
+        count = resolve_threads(threads)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = count
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: warnings would interleave with progress output
+        try:
+            session = ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            raise ModelError(f"onnxruntime cannot load {artifact.path}: {first}") from exc
+        info = {
+            "backend": self.name,
+            "artifact": str(artifact.path),
+            "precision": artifact.precision,
+            "threads": count,
+            "inter_op_threads": 1,
+            "execution_mode": "sequential",
+            "graph_optimization": "ORT_ENABLE_ALL",
+            "providers": session.get_providers(),
+            "version": ort.__version__,
+        }
+        return OrtRunner(session, info)

@@ -1,0 +1,133 @@
+"""Dataset containers, the dataset registry, per-frame normalisation and stratified sampling.
+
+Every dataset source returns one :class:`ArrayDataset` (all kept frames, already normalised) and
+its :class:`DatasetMeta`; :func:`edgekd.data.build_dataset` then splits it into train and val with
+:func:`stratified_split`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from edgekd.errors import DataError
+from edgekd.recipe import DataSpec
+from edgekd.registry import Registry
+
+
+@dataclass
+class ArrayDataset:
+    """In-memory frames with labels and (optionally) their SNR."""
+
+    x: np.ndarray  # float32 (N, 2, L) IQ frames, already normalised: row 0 = I, row 1 = Q
+    y: np.ndarray  # int64 (N,) class indices into DatasetMeta.classes
+    snr: np.ndarray | None  # int16 (N,) SNR in dB per frame, None if unknown
+
+    def __post_init__(self) -> None:
+        lengths = {len(self.x), len(self.y)} | ({len(self.snr)} if self.snr is not None else set())
+        if len(lengths) != 1:
+            raise ValueError(f"x, y and snr must have the same length, got {sorted(lengths)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, indices: np.ndarray) -> ArrayDataset:
+        """The frames at ``indices``, in that order (copies)."""
+        snr = self.snr[indices] if self.snr is not None else None
+        return ArrayDataset(self.x[indices], self.y[indices], snr)
+
+
+@dataclass
+class DatasetMeta:
+    """What a model, a calibration set or a device needs to know about a dataset."""
+
+    name: str  # registry name of the source, e.g. "radio-synthetic"
+    task: str  # "classification"
+    input_shape: tuple[int, ...]  # per sample, e.g. (2, 128)
+    classes: list[str]
+    normalisation: dict  # exactly the preprocessing applied, so a device can reproduce it
+    fingerprint: str  # sha256 of the generating spec + seed, or of the file + spec
+    source: str  # human description: generator and seed, or the file path
+
+    def to_dict(self) -> dict:
+        """JSON-able form (tuples become lists)."""
+        data = asdict(self)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+
+DatasetBuilder = Callable[[DataSpec, int], tuple[ArrayDataset, DatasetMeta]]
+DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+
+NORMALISATION_EPS = 1e-12
+NORMALISATION = {
+    "type": "per-frame-rms",
+    "description": (
+        "each frame x of shape (2, L) (row 0 = I, row 1 = Q) is divided by "
+        "sqrt(mean over t of (I_t^2 + Q_t^2) + eps), giving unit average power; computed in float32"
+    ),
+    "eps": NORMALISATION_EPS,
+}
+
+
+def normalise_frames(x: np.ndarray) -> np.ndarray:
+    """Scale every (2, L) IQ frame in ``x`` (shape (..., 2, L)) to unit average power.
+
+    This is the preprocessing recorded in :data:`NORMALISATION`; apply the same function to frames
+    at inference. An all-zero frame stays zero.
+    """
+    frames = np.asarray(x, dtype=np.float32)
+    power = np.mean(np.sum(frames * frames, axis=-2, keepdims=True), axis=-1, keepdims=True)
+    return frames / np.sqrt(power + np.float32(NORMALISATION_EPS))
+
+
+def seeded_rng(seed: int, stream: str) -> np.random.Generator:
+    """An independent random stream named ``stream`` derived from the recipe ``seed``."""
+    return np.random.default_rng([seed % 2**63, zlib.crc32(stream.encode("utf-8"))])
+
+
+def strata(y: np.ndarray, snr: np.ndarray | None) -> np.ndarray:
+    """One integer key per frame identifying its (class, SNR) group (class only without SNR)."""
+    keys = np.asarray(y, dtype=np.int64) * 65536
+    return keys if snr is None else keys + (np.asarray(snr, dtype=np.int64) + 32768)
+
+
+def stratified_pick(keys: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``k`` items where every group (equal key) gets its proportional share.
+
+    Each group gets ``floor(size * k / n)`` items; the few left over go to the groups with the
+    largest fractional remainder (ties broken at random). Members of a group are chosen at random.
+    """
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    quota = counts * (k / len(keys))
+    take = np.floor(quota).astype(np.int64)
+    leftover = k - int(take.sum())
+    by_remainder = np.lexsort((rng.random(len(counts)), -(quota - take)))
+    take[by_remainder[:leftover]] += 1
+    order = np.lexsort((rng.random(len(keys)), inverse))  # grouped, random within a group
+    rank = np.arange(len(keys)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.sort(order[rank < take[inverse[order]]])
+
+
+def stratified_split(
+    data: ArrayDataset, val_fraction: float, seed: int, source: str
+) -> tuple[ArrayDataset, ArrayDataset]:
+    """(train, val) with ``round(N * val_fraction)`` frames held out per (class, SNR) proportion.
+
+    Deterministic from ``seed``; both parts come in a seeded random order (never class-sorted), so
+    taking the first frames of either part gives a mix of classes and SNRs.
+    """
+    n_val = round(len(data) * val_fraction)
+    if not 0 < n_val < len(data):
+        raise DataError(
+            f"{source}: {len(data)} frames are too few to hold out val_fraction={val_fraction}; "
+            "use more frames or change data.val_fraction"
+        )
+    rng = seeded_rng(seed, "split")
+    val = stratified_pick(strata(data.y, data.snr), n_val, rng)
+    train = np.setdiff1d(np.arange(len(data)), val, assume_unique=True)
+    return data.subset(rng.permutation(train)), data.subset(rng.permutation(val))

@@ -1,0 +1,6 @@
+"""Distillation methods, one module per family, registered by name at import."""
+
+from edgekd.distill.methods import hinton, skd, supervised  # noqa: F401  (registration)
+from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs, build_method
+
+__all__ = ["METHODS", "DistillMethod", "ModelOutputs", "build_method"]

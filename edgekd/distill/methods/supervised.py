@@ -1,0 +1,22 @@
+"""``none``: the student trained on the labels alone — the baseline every method is compared with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs
+
+
+@METHODS.register("none", aliases=("ce", "supervised"))
+class Supervised(DistillMethod):
+    """Cross-entropy on the ground-truth labels; no teacher."""
+
+    needs_teacher = False
+
+    def loss(
+        self, student: ModelOutputs, teacher: ModelOutputs | None, target: torch.Tensor, state: dict[str, Any]
+    ) -> torch.Tensor:
+        return F.cross_entropy(student.logits, target)

@@ -1,0 +1,83 @@
+"""Accuracy of a runner on a labelled evaluation set, overall, per group (e.g. SNR) and as a confusion matrix.
+
+Device-side code: imports only numpy (no torch). The same function evaluates the PyTorch
+teacher/student (via TorchRunner) and every compiled artifact, so their numbers compare.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgekd.errors import DataError, ModelError, RecipeError
+
+if TYPE_CHECKING:
+    from edgekd.backends.base import Runner
+
+
+def predict(runner: Runner, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """Logits of ``runner`` on ``x`` ``(N, ...)``, run in batches of ``batch_size``; shape ``(N, C)``."""
+    if batch_size < 1:
+        raise RecipeError(f"evaluation batch size must be >= 1, got {batch_size}")
+    outputs = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        logits = np.asarray(runner.run(batch))
+        if logits.ndim != 2 or len(logits) != len(batch):
+            raise ModelError(
+                f"runner ({runner.info.get('backend', '?')}) returned shape {logits.shape} for a batch of "
+                f"{len(batch)}; expected logits shaped ({len(batch)}, classes)"
+            )
+        outputs.append(logits)
+    return np.concatenate(outputs)
+
+
+def group_key(value: float) -> str:
+    """``-20.0`` → ``"-20"``, ``2.5`` → ``"2.5"``: integral group values print as integers."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else repr(number)
+
+
+def evaluate_classifier(
+    runner: Runner,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    groups: np.ndarray | None = None,
+) -> dict:
+    """Top-1 accuracy of ``runner`` on ``(x, y)``.
+
+    Returns ``{accuracy, n, per_group, per_group_n, confusion}``: ``per_group`` maps each value of
+    ``groups`` (one per sample, e.g. the SNR in dB; numerically sorted, keys like ``"-20"``) to the
+    accuracy on its samples (None when ``groups`` is None); ``confusion[true][predicted]`` counts
+    samples, over ``max(classes in the logits, largest label + 1)`` classes.
+    """
+    labels = np.asarray(y)
+    if len(x) == 0:
+        raise DataError("evaluation set is empty; check the dataset split or profile.eval_samples")
+    if len(labels) != len(x):
+        raise DataError(f"evaluation set has {len(x)} inputs but {len(labels)} labels")
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise DataError(f"labels must be non-negative integer class indices, got dtype {labels.dtype}")
+    logits = predict(runner, x, batch_size)
+    predicted = logits.argmax(axis=1)
+    correct = predicted == labels
+    classes = max(logits.shape[1], int(labels.max()) + 1)
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    result: dict = {
+        "accuracy": float(correct.mean()),
+        "n": len(labels),
+        "per_group": None,
+        "per_group_n": None,
+        "confusion": confusion.tolist(),
+    }
+    if groups is not None:
+        group_values = np.asarray(groups)
+        if len(group_values) != len(labels):
+            raise DataError(f"evaluation set has {len(labels)} samples but {len(group_values)} group values")
+        uniques = np.unique(group_values)  # sorted numerically
+        result["per_group"] = {group_key(g): float(correct[group_values == g].mean()) for g in uniques}
+        result["per_group_n"] = {group_key(g): int(np.sum(group_values == g)) for g in uniques}
+    return result

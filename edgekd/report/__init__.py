@@ -1,0 +1,1 @@
+"""Reports: the assembled JSON, its Markdown rendering, and the terminal summary table."""

@@ -1,0 +1,106 @@
+"""Assemble ``report.json`` from the stages' results: every number the report shows comes from here."""
+
+from __future__ import annotations
+
+import os
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+from edgekd.pipeline import RunContext
+
+_PACKAGES = ("edgekd", "torch", "numpy", "onnx", "onnxruntime")
+
+
+def environment() -> dict[str, Any]:
+    """Host and package versions the numbers were measured with."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "packages": versions,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _find(
+    rows: list[dict[str, Any]], runtime: str | None, precision: str, role: str = "student"
+) -> dict | None:
+    for row in rows:
+        if (
+            row["role"] == role
+            and row["precision"] == precision
+            and (runtime is None or row["runtime"] == runtime)
+        ):
+            return row
+    return None
+
+
+def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratios a reader asks first: deployed student vs teacher speed, size and accuracy; INT8 drop."""
+    teacher = _find(rows, "torch", "fp32", role="teacher")
+    deployed = [row for row in rows if "artifact" in row]
+    best = (
+        min(deployed, key=lambda row: row["latency"]["p50_ms"]) if deployed else _find(rows, "torch", "fp32")
+    )
+    fp32_artifact = next((row for row in deployed if row["precision"] == "fp32"), None)
+    int8_artifact = next((row for row in deployed if row["precision"] == "int8"), None)
+    out: dict[str, Any] = {"deployed": best["name"]}
+    if teacher is not None:
+        out["speedup_vs_teacher"] = round(teacher["latency"]["p50_ms"] / best["latency"]["p50_ms"], 2)
+        out["size_ratio_vs_teacher"] = round(teacher["size_bytes"] / best["size_bytes"], 2)
+        out["accuracy_gap_vs_teacher"] = round(
+            best["accuracy"]["accuracy"] - teacher["accuracy"]["accuracy"], 5
+        )
+    if fp32_artifact is not None and int8_artifact is not None:
+        out["int8_accuracy_drop"] = round(
+            fp32_artifact["accuracy"]["accuracy"] - int8_artifact["accuracy"]["accuracy"], 5
+        )
+        out["int8_speedup_vs_fp32"] = round(
+            fp32_artifact["latency"]["p50_ms"] / int8_artifact["latency"]["p50_ms"], 2
+        )
+    return out
+
+
+def build_report(ctx: RunContext) -> dict[str, Any]:
+    train_set, val_set, meta = ctx.dataset
+    rows = ctx.output("profile", "rows")
+    stage_times = {
+        name: {"wall_s": round(r.wall_s, 2), "cached": r.cached} for name, r in ctx.results.items()
+    }
+    return {
+        "edgekd_report": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run": ctx.recipe.name,
+        "recipe": ctx.recipe.model_dump(mode="json"),
+        "environment": environment(),
+        "target": ctx.target.to_dict(),
+        "data": {**meta.to_dict(), "train_frames": len(train_set), "eval_frames": len(val_set)},
+        "teacher": ctx.results["teacher"].outputs,
+        "student": ctx.results["distill"].outputs,
+        "export": ctx.results["export"].outputs,
+        "quantization": ctx.results["quantize"].outputs,
+        "artifacts": ctx.output("compile", "artifacts"),
+        "rows": rows,
+        "headline": headline(rows),
+        "stages": stage_times,
+    }

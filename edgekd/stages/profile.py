@@ -1,0 +1,101 @@
+"""Stage 6: latency and accuracy of every model and artifact, on the same held-out frames.
+
+Rows: the teacher and the student in PyTorch (the reference), then each compiled artifact of the
+target (e.g. student FP32 ONNX and INT8 ONNX on ONNX Runtime). Accuracy is that of the artifact
+itself, overall and per SNR; latency follows the recorded protocol (warm-up, iterations, batch,
+threads), model-only and end-to-end with the frame normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.backends import get_backend
+from edgekd.backends.base import Artifact
+from edgekd.backends.torch import TorchRunner
+from edgekd.data.base import normalise_frames
+from edgekd.models import build_model
+from edgekd.models.checkpoint import load_weights
+from edgekd.pipeline import RunContext, Stage
+from edgekd.profile.accuracy import evaluate_classifier
+from edgekd.profile.latency import measure_latency
+from edgekd.recipe import Recipe
+
+
+def _config(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "seed": recipe.seed,
+        "data": recipe.data.model_dump(mode="json"),
+        "profile": recipe.profile.model_dump(mode="json"),
+        "target": recipe.target,
+    }
+
+
+def _inputs(ctx: RunContext) -> list[Path]:
+    artifacts = [ctx.run_dir / a["path"] for a in ctx.output("compile", "artifacts")]
+    return [ctx.path("teacher", "model_file"), ctx.path("distill", "model_file"), *artifacts]
+
+
+def _measure(ctx: RunContext, runner: Any, row: dict[str, Any]) -> dict[str, Any]:
+    _, val_set, _ = ctx.dataset
+    spec = ctx.recipe.profile
+    limit = spec.eval_samples or len(val_set)
+    evaluation = evaluate_classifier(
+        runner,
+        val_set.x[:limit],
+        val_set.y[:limit],
+        batch_size=256,
+        groups=None if val_set.snr is None else val_set.snr[:limit],
+    )
+    sample = np.ascontiguousarray(val_set.x[: spec.batch_size])
+    latency = measure_latency(runner, sample, spec.warmup, spec.iterations, preprocess=normalise_frames)
+    ctx.log(f"  {row['name']}: accuracy {evaluation['accuracy']:.4f}, p50 {latency['p50_ms']:.3f} ms")
+    return {**row, "accuracy": evaluation, "latency": latency}
+
+
+def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> dict[str, Any]:
+    _, _, meta = ctx.dataset
+    name, path = ctx.output(stage, "model"), ctx.path(stage, "model_file")
+    model = build_model(name, num_classes=len(meta.classes), in_channels=meta.input_shape[0])
+    load_weights(model, path, name)
+    row = {
+        "name": f"{role} (PyTorch FP32)",
+        "role": role,
+        "model": name,
+        "runtime": "torch",
+        "precision": "fp32",
+        "size_bytes": path.stat().st_size,
+        "params": ctx.output(stage, "params"),
+        "flops": ctx.output(stage, "flops"),
+    }
+    return _measure(ctx, TorchRunner(model, threads=threads), row)
+
+
+def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    threads = ctx.recipe.profile.threads or os.cpu_count() or 1
+    rows = [_torch_row(ctx, "teacher", "teacher", threads), _torch_row(ctx, "distill", "student", threads)]
+    backend = get_backend(ctx.target.backend)
+    for record in ctx.output("compile", "artifacts"):
+        artifact = Artifact(
+            ctx.run_dir / record["path"], record["backend"], record["precision"], record["metadata"]
+        )
+        row = {
+            "name": f"student ({backend.name} {artifact.precision.upper()})",
+            "role": "student",
+            "model": ctx.output("distill", "model"),
+            "runtime": backend.name,
+            "precision": artifact.precision,
+            "size_bytes": artifact.path.stat().st_size,
+            "params": ctx.output("distill", "params"),
+            "flops": ctx.output("distill", "flops"),
+            "artifact": record["path"],
+        }
+        rows.append(_measure(ctx, backend.load(artifact, threads=threads), row))
+    return {"rows": rows, "threads": threads, "eval_frames": rows[0]["accuracy"]["n"]}
+
+
+STAGE = Stage("profile", _run, _config, _inputs)

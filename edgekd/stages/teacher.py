@@ -1,0 +1,69 @@
+"""Stage 1: the teacher — loaded from the recipe's checkpoint, or trained here on the labels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgekd.distill.methods import build_method
+from edgekd.distill.trainer import predict_accuracy, train
+from edgekd.models import build_model
+from edgekd.models.checkpoint import load_weights, save_checkpoint
+from edgekd.models.stats import count_flops, count_parameters
+from edgekd.pipeline import RunContext, Stage, fingerprint
+from edgekd.recipe import DistillSpec, Recipe
+
+MODEL_FILE = "teacher.pt"
+
+
+def _config(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "seed": recipe.seed,
+        "data": recipe.data.model_dump(mode="json"),
+        "teacher": recipe.teacher.model_dump(mode="json"),
+    }
+
+
+def _inputs(ctx: RunContext) -> list[Path]:
+    return [ctx.recipe.teacher.checkpoint] if ctx.recipe.teacher.checkpoint else []
+
+
+def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    train_set, val_set, meta = ctx.dataset
+    spec = ctx.recipe.teacher
+    model = build_model(spec.model, num_classes=len(meta.classes), in_channels=meta.input_shape[0])
+    history: list[dict[str, float]] = []
+    if spec.checkpoint is not None:
+        load_weights(model, spec.checkpoint, spec.model)
+        origin = str(spec.checkpoint)
+    else:
+        method = build_method(
+            DistillSpec(method="none"), len(meta.classes), model.feature_dim, model.feature_dim
+        )
+        result = train(
+            model,
+            method,
+            train_set,
+            val_set,
+            spec.train,
+            ctx.recipe.seed,
+            stage_dir,
+            fingerprint(STAGE, ctx),
+            label="teacher",
+            log=ctx.log,
+        )
+        history = result.history
+        origin = "trained here on labels"
+    save_checkpoint(stage_dir / MODEL_FILE, model, spec.model, {"data_fingerprint": meta.fingerprint})
+    return {
+        "model_file": str((stage_dir / MODEL_FILE).relative_to(ctx.run_dir)),
+        "model": spec.model,
+        "origin": origin,
+        "params": count_parameters(model),
+        "flops": count_flops(model, meta.input_shape),
+        "val_accuracy": round(predict_accuracy(model, val_set), 5),
+        "history": history,
+    }
+
+
+STAGE = Stage("teacher", _run, _config, _inputs)

@@ -1,0 +1,265 @@
+"""INT8 static QDQ quantisation: structure of the graph, accuracy vs FP32, calibration validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from edgekd.errors import QuantizeError
+from edgekd.export import export_onnx
+from edgekd.quantize import CalibrationSet, quantize_static_int8
+
+CLASSES = 4
+INPUT_SHAPE = (2, 128)
+
+
+class SmallCnn(nn.Module):
+    """Enough weights (a 512→64 Linear) for INT8 to shrink the file noticeably."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(2, 8, 7, padding=3),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(8, 16, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+        )
+        self.head = nn.Sequential(nn.Linear(16 * 32, 64), nn.ReLU(), nn.Linear(64, CLASSES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def tones(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A separable task: noisy complex tones whose frequency encodes the class."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    t = np.arange(INPUT_SHAPE[1])
+    phase = 2 * np.pi * (0.03 + 0.05 * labels[:, None]) * t + rng.uniform(0, 2 * np.pi, (n, 1))
+    x = np.stack([np.cos(phase), np.sin(phase)], axis=1) + 0.3 * rng.standard_normal((n, *INPUT_SHAPE))
+    return x.astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("quantize")
+
+
+@pytest.fixture(scope="module")
+def fp32_model(workdir: Path) -> Path:
+    torch.manual_seed(0)
+    model = SmallCnn()
+    x, y = tones(384, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(3):
+        for start in range(0, len(x), 96):
+            optimizer.zero_grad()
+            batch = torch.from_numpy(x[start : start + 96])
+            loss = nn.functional.cross_entropy(model(batch), torch.from_numpy(y[start : start + 96]))
+            loss.backward()
+            optimizer.step()
+    path = workdir / "student.onnx"
+    export_onnx(model.eval(), INPUT_SHAPE, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib() -> CalibrationSet:
+    x, _ = tones(200, seed=1)
+    return CalibrationSet(x, "tones-seed1", "none (raw IQ)", requested=128, min_samples=16)
+
+
+@pytest.fixture(scope="module")
+def asymmetric(fp32_model: Path, calib: CalibrationSet, workdir: Path) -> tuple[Path, dict]:
+    out = workdir / "student.int8.onnx"
+    return out, quantize_static_int8(fp32_model, out, calib)
+
+
+@pytest.fixture(scope="module")
+def symmetric(fp32_model: Path, calib: CalibrationSet, workdir: Path) -> tuple[Path, dict]:
+    out = workdir / "student.int8-sym.onnx"
+    return out, quantize_static_int8(fp32_model, out, calib, symmetric_activations=True)
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in onnx.load(str(path)).graph.initializer}
+
+
+def predict(path: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0].argmax(1)
+
+
+def test_qdq_nodes_and_report(asymmetric, calib) -> None:
+    path, info = asymmetric
+    nodes = onnx.load(str(path)).graph.node
+    count = sum(node.op_type in {"QuantizeLinear", "DequantizeLinear"} for node in nodes)
+    assert count > 0 and info["nodes_quantized"] == count
+    assert info["format"] == "QDQ" and info["weight_type"] == "QInt8" and info["activation_type"] == "QUInt8"
+    assert info["per_channel"] and info["method"] == "minmax" and info["preprocess"] == "ok"
+    assert info["size_bytes"] == path.stat().st_size
+    provenance = info["calibration"]
+    assert provenance["samples_used"] == 128 and provenance["samples_requested"] == 128
+    assert provenance["samples_available"] == 200 and provenance["dataset_fingerprint"] == "tones-seed1"
+    assert provenance["data_sha256"] == calib.sha256() and provenance["preprocessing"] == "none (raw IQ)"
+
+
+def test_weights_are_int8_with_per_channel_scales(asymmetric) -> None:
+    path, _ = asymmetric
+    graph = onnx.load(str(path)).graph
+    values = initializers(path)
+    conv_weights = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and values.get(node.input[0], np.empty(0)).ndim == 3:
+            conv_weights[node.input[0]] = (values[node.input[0]], values[node.input[1]])
+    assert len(conv_weights) == 2
+    for weight, scale in conv_weights.values():
+        assert weight.dtype == np.int8
+        assert scale.shape == (weight.shape[0],)  # one scale per output channel
+    assert {w.shape[0] for w, _ in conv_weights.values()} == {8, 16}
+
+
+def test_asymmetric_activations_are_uint8(asymmetric) -> None:
+    path, _ = asymmetric
+    graph = onnx.load(str(path)).graph
+    values = initializers(path)
+    input_zero_point = next(
+        values[node.input[2]]
+        for node in graph.node
+        if node.op_type == "QuantizeLinear" and node.input[0] == "input"
+    )
+    assert input_zero_point.dtype == np.uint8
+
+
+def test_symmetric_mode_has_zero_zero_points(symmetric) -> None:
+    path, info = symmetric
+    assert info["activation_type"] == "QInt8" and info["symmetric_activations"]
+    graph = onnx.load(str(path)).graph
+    values = initializers(path)
+    zero_points = [
+        values[node.input[2]] for node in graph.node if node.op_type in {"QuantizeLinear", "DequantizeLinear"}
+    ]
+    assert zero_points
+    assert all(np.all(zp == 0) for zp in zero_points)
+    assert all(zp.dtype in (np.int8, np.int32) for zp in zero_points)
+
+
+@pytest.mark.parametrize("variant", ["asymmetric", "symmetric"])
+def test_int8_agrees_with_fp32(fp32_model, variant, request) -> None:
+    path, _ = request.getfixturevalue(variant)
+    x, y = tones(256, seed=2)
+    fp32, int8 = predict(fp32_model, x), predict(path, x)
+    assert (fp32 == y).mean() > 0.9  # the task is learnt
+    assert (fp32 == int8).mean() >= 0.9
+    assert (int8 == y).mean() >= (fp32 == y).mean() - 0.05
+
+
+def test_int8_file_is_smaller(fp32_model, asymmetric) -> None:
+    path, _ = asymmetric
+    assert path.stat().st_size < 0.5 * fp32_model.stat().st_size
+
+
+def test_unused_opset_imports_are_pruned(asymmetric) -> None:
+    path, _ = asymmetric
+    domains = {op.domain for op in onnx.load(str(path)).opset_import}
+    assert domains <= {"", "ai.onnx"}
+
+
+def test_other_calibration_methods(fp32_model, calib, tmp_path) -> None:
+    info = quantize_static_int8(
+        fp32_model, tmp_path / "p.onnx", calib, per_channel=False, method="percentile"
+    )
+    assert info["method"] == "percentile" and not info["per_channel"]
+    assert info["calibration"]["samples_used"] == len(calib)
+
+
+def test_excluded_nodes_stay_in_float(fp32_model, calib, tmp_path) -> None:
+    graph = onnx.load(str(fp32_model)).graph
+    first_conv = next(node for node in graph.node if node.op_type == "Conv")
+    out = tmp_path / "partial.onnx"
+    info = quantize_static_int8(fp32_model, out, calib, exclude_nodes=[first_conv.name])
+    assert info["nodes_excluded"] == [first_conv.name] and info["preprocess"] == "ok"
+    values = initializers(out)
+    assert values[first_conv.input[1]].dtype == np.float32  # that conv's weight is not quantised
+    with pytest.raises(QuantizeError, match="no nodes named nope"):
+        quantize_static_int8(fp32_model, tmp_path / "x.onnx", calib, exclude_nodes=["nope"])
+
+
+def test_preprocess_failure_falls_back_and_is_recorded(fp32_model, calib, tmp_path, monkeypatch) -> None:
+    import onnxruntime.quantization
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("symbolic shape inference failed\nmore detail")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quant_pre_process", broken)
+    info = quantize_static_int8(fp32_model, tmp_path / "raw.onnx", calib)
+    assert info["preprocess"] == "skipped: RuntimeError: symbolic shape inference failed"
+    assert info["nodes_quantized"] > 0
+
+
+def test_quantiser_failure_is_one_line_with_a_log(fp32_model, calib, tmp_path, monkeypatch) -> None:
+    import onnxruntime.quantization
+
+    def broken(*args: object, **kwargs: object) -> None:
+        print("calibrator chatter")
+        raise ValueError("unsupported node\ndetails")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", broken)
+    target = tmp_path / "q.onnx"
+    with pytest.raises(QuantizeError, match="failed: ValueError: unsupported node") as caught:
+        quantize_static_int8(fp32_model, target, calib)
+    assert "\n" not in str(caught.value) and not target.exists()
+    assert "calibrator chatter" in (tmp_path / "q.onnx.quantize.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("n", "requested", "minimum", "expected"),
+    [
+        (0, 512, 16, "0 samples available"),
+        (5, 512, 16, "5 samples available but quantize.min_calibration_samples = 16"),
+        (100, 8, 16, "quantize.calibration_samples = 8 is below"),
+    ],
+)
+def test_too_small_calibration_set(n, requested, minimum, expected) -> None:
+    x = np.zeros((n, *INPUT_SHAPE), dtype=np.float32)
+    with pytest.raises(QuantizeError, match=expected) as caught:
+        CalibrationSet(x, "fp", "none", requested=requested, min_samples=minimum)
+    assert "\n" not in str(caught.value)
+
+
+def test_non_finite_calibration_data() -> None:
+    x = np.zeros((20, *INPUT_SHAPE), dtype=np.float32)
+    x[3, 0, 0] = np.nan
+    with pytest.raises(QuantizeError, match="1 non-finite"):
+        CalibrationSet(x, "fp", "none", requested=20, min_samples=16)
+
+
+def test_mismatched_calibration_shape_and_bad_method(fp32_model, tmp_path) -> None:
+    wrong = CalibrationSet(
+        np.zeros((20, 2, 64), dtype=np.float32), "fp", "none", requested=20, min_samples=16
+    )
+    with pytest.raises(QuantizeError, match=r"calibration samples have shape \(2, 64\)"):
+        quantize_static_int8(fp32_model, tmp_path / "q.onnx", wrong)
+    assert not (tmp_path / "q.onnx").exists()
+    right = CalibrationSet(np.zeros((20, *INPUT_SHAPE), dtype=np.float32), "fp", "none", 20, 16)
+    with pytest.raises(QuantizeError, match="did you mean 'entropy'"):
+        quantize_static_int8(fp32_model, tmp_path / "q.onnx", right, method="entropie")
+
+
+def test_reader_batches() -> None:
+    calib = CalibrationSet(np.ones((70, 2, 8), dtype=np.float32), "fp", "none", requested=100, min_samples=1)
+    reader = calib.reader("input", batch_size=32)
+    sizes = [len(batch["input"]) for batch in reader]
+    assert sizes == [32, 32, 6] and reader.samples_yielded == 70 and reader.get_next() is None
+    dropping = calib.reader("input", batch_size=32, drop_last=True)
+    assert [len(b["input"]) for b in dropping] == [32, 32] and dropping.samples_yielded == 64

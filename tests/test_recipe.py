@@ -1,0 +1,68 @@
+"""Recipe loading: defaults, YAML, overrides and one-line errors for every kind of bad field."""
+
+from pathlib import Path
+
+import pytest
+
+from edgekd.errors import RecipeError
+from edgekd.recipe import DEFAULT_RECIPE, Recipe, load_recipe
+
+
+def test_default_recipe_file_matches_schema_defaults():
+    """The shipped recipe documents every field; loading it gives the schema's defaults."""
+    assert DEFAULT_RECIPE.is_file()
+    assert load_recipe() == Recipe()
+
+
+def test_default_recipe_file_lists_every_field():
+    text = DEFAULT_RECIPE.read_text()
+    for section in ("data", "teacher", "student", "distill", "export", "quantize", "profile"):
+        for field in type(getattr(Recipe(), section)).model_fields:
+            assert f"{field}:" in text, f"{section}.{field} missing from {DEFAULT_RECIPE.name}"
+
+
+def test_overrides_are_typed_and_nested(tmp_path: Path):
+    recipe = load_recipe(None, ["distill.train.epochs=3", "distill.method=kd", "seed=7", "profile.threads=1"])
+    assert recipe.distill.train.epochs == 3 and recipe.distill.method == "kd"
+    assert recipe.seed == 7 and recipe.profile.threads == 1
+
+
+def test_yaml_file_and_override_precedence(tmp_path: Path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: mine\ndistill:\n  temperature: 2.0\n")
+    recipe = load_recipe(path, ["distill.temperature=3"])
+    assert recipe.name == "mine" and recipe.distill.temperature == 3.0
+    assert recipe.run_dir == Path("models/runs/mine")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (
+            "distill:\n  temprature: 3\n",
+            "unknown field 'distill.temprature'; did you mean 'distill.temperature'?",
+        ),
+        ("dsitill: {}\n", "did you mean 'distill'?"),
+        ("distill:\n  temperature: -1\n", "'distill.temperature' = -1"),
+        ("seed: [1, 2]\n", "'seed'"),
+        ("- a\n- b\n", "must be a YAML mapping"),
+        ("name: [unclosed\n", "malformed YAML"),
+    ],
+)
+def test_bad_recipe_is_one_clear_line(tmp_path: Path, content: str, expected: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert expected in message and str(path) in message and "\n" not in message
+
+
+def test_missing_recipe_file(tmp_path: Path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(RecipeError, match="FIELD=VALUE"):
+        load_recipe(None, ["distill.epochs"])
