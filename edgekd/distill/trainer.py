@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from edgekd.distill.methods.base import DistillMethod, ModelOutputs
 from torch import nn
 
 from edgekd.atomic import atomic_path
 from edgekd.console import progress
 from edgekd.data.base import ArrayDataset
+from edgekd.distill.methods.base import DistillMethod, ModelOutputs
 from edgekd.distill.teacher_cache import TeacherOutputs
 from edgekd.recipe import TrainSpec
 
@@ -128,7 +128,7 @@ def train(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total += float(loss)
+                total += float(loss.detach())
                 batches += 1
             accuracy = predict_accuracy(model, val_set)
             result.history.append(

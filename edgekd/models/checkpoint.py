@@ -1,11 +1,15 @@
-"""Checkpoints: our own format, written atomically and read without unpickling code.
+"""Model checkpoints: one torch file holding the architecture name, sizes and weights.
 
-A checkpoint is ``{"model": name, "num_classes", "in_channels", "state_dict", **extra}`` saved with
-``torch.save`` and loaded with ``torch.load(weights_only=True)``.
+Layout: ``{"model": name, "num_classes": int, "in_channels": int, "state_dict": {...}, **extra}``.
+Files are written atomically and read with ``torch.load(weights_only=True)``, so a checkpoint can
+hold tensors and plain Python values (numbers, strings, lists, dicts) but never arbitrary objects.
+Every problem with a checkpoint a user passed becomes one :class:`ModelError` line naming the file.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,64 +19,103 @@ from torch import nn
 from edgekd.atomic import atomic_path
 from edgekd.errors import ModelError
 
+RESERVED_KEYS = ("model", "num_classes", "in_channels", "state_dict")
+_LISTED = 3  # how many offending tensor names an error message lists
 
-def save_checkpoint(path: Path, model: nn.Module, model_name: str, extra: dict[str, Any]) -> None:
+
+def save_checkpoint(
+    path: str | os.PathLike[str], model: nn.Module, model_name: str, extra: dict[str, Any] | None = None
+) -> None:
+    """Write ``model``'s weights under its registry name ``model_name``, plus ``extra`` fields.
+
+    ``num_classes`` is read from ``model.head.out_features``; ``in_channels`` from the model's
+    ``in_channels`` attribute. ``extra`` may not reuse the reserved keys.
+    """
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(RESERVED_KEYS))
+    if clash:
+        raise ValueError(f"extra checkpoint fields {clash} clash with reserved keys {list(RESERVED_KEYS)}")
     payload = {
         "model": model_name,
-        "num_classes": getattr(model, "num_classes", None),
-        "in_channels": getattr(model, "in_channels", None),
-        "state_dict": model.state_dict(),
+        "num_classes": int(model.head.out_features),
+        "in_channels": int(model.in_channels),
+        "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
         **extra,
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"checkpoint {path} not found; pass an existing file")
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The checkpoint dictionary at ``path``; :class:`ModelError` if missing, corrupt or not ours."""
+    file = Path(path)
+    if not file.is_file():
+        raise ModelError(f"checkpoint {file} not found; pass the path of a .pt file written by edgekd")
+    if file.stat().st_size == 0:
+        raise ModelError(f"checkpoint {file} is empty; re-create it or point to another file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, or a pickle with code in it
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         raise ModelError(
-            f"checkpoint {path} cannot be read ({reason}); is it truncated or not a torch file?"
+            f"checkpoint {file} is corrupt or holds objects other than tensors and plain values; "
+            "re-create it with edgekd or point to another file"
         ) from None
-    if (
-        isinstance(payload, dict)
-        and "state_dict" not in payload
-        and all(isinstance(v, torch.Tensor) for v in payload.values())
-    ):
-        payload = {"model": None, "state_dict": payload}  # a bare state_dict, as many tools save
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ModelError(f"checkpoint {path} is not a state_dict or an edgekd checkpoint")
-    return payload
-
-
-def load_weights(model: nn.Module, path: Path, expected_name: str) -> dict[str, Any]:
-    """Load ``path`` into ``model`` (built as ``expected_name``); one clear ModelError on any mismatch."""
-    payload = load_checkpoint(path)
-    saved_name = payload.get("model")
-    if saved_name is not None and saved_name != expected_name:
+    except Exception:  # torch raises many types for a damaged file (zip, EOF, OS errors)
         raise ModelError(
-            f"checkpoint {path} holds a {saved_name} model, not {expected_name}; "
-            f"pass a checkpoint of {expected_name} or set the model to {saved_name}"
+            f"checkpoint {file} is truncated or corrupt and cannot be read; "
+            "re-create it or point to another file"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ModelError(
+            f"checkpoint {file} is not an edgekd checkpoint (no 'state_dict' mapping); "
+            "pass a file written by edgekd"
         )
-    state, own = payload["state_dict"], model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
+    return checkpoint
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], expected_name: str) -> dict[str, Any]:
+    """Load the weights at ``path`` into ``model`` (an ``expected_name`` model); return the checkpoint.
+
+    Raises :class:`ModelError` naming the file when it is missing or corrupt, holds another
+    architecture (its recorded name differs, or its tensor names do not match the model's), or a
+    tensor's shape differs (e.g. a checkpoint trained for another number of classes).
+    """
+    checkpoint = load_checkpoint(path)
+    saved_name = checkpoint.get("model")
+    if saved_name != expected_name:
         raise ModelError(
-            f"checkpoint {path} does not match {expected_name}: "
-            f"missing {len(missing)} tensor(s) {missing[:3]}, unexpected {len(unexpected)} {unexpected[:3]}"
+            f"checkpoint {path} holds a {saved_name!r} model, expected {expected_name!r}; "
+            f"use a checkpoint of {expected_name!r} or set the model to {saved_name!r}"
+        )
+    saved: dict[str, torch.Tensor] = checkpoint["state_dict"]
+    own = model.state_dict()
+    missing = [key for key in own if key not in saved]
+    unexpected = [key for key in saved if key not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        raise ModelError(
+            f"checkpoint {path} does not match the {expected_name!r} architecture: {'; '.join(parts)}"
         )
     for key, tensor in own.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            hint = ""
+            saved_classes = checkpoint.get("num_classes")
+            head = getattr(model, "head", None)
+            if isinstance(head, nn.Linear) and saved_classes != head.out_features:
+                hint = f" (checkpoint for {saved_classes} classes, model built for {head.out_features})"
             raise ModelError(
-                f"checkpoint {path} does not match {expected_name}: {key} has shape "
-                f"{tuple(state[key].shape)} in the file but {tuple(tensor.shape)} in the model "
-                f"(trained with another number of classes or input channels?)"
+                f"checkpoint {path} does not fit the model: tensor {key!r} has shape "
+                f"{tuple(saved[key].shape)} in the checkpoint but {tuple(tensor.shape)} in the model{hint}"
             )
-    model.load_state_dict(state)
-    return payload
+    model.load_state_dict(saved)
+    return checkpoint
+
+
+def _few(names: list[str]) -> str:
+    shown = ", ".join(names[:_LISTED])
+    more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    return f"{len(names)} tensor(s): {shown}{more}"

@@ -12,16 +12,17 @@ from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs, so
 
 @METHODS.register("kd", aliases=("hinton",))
 class HintonKD(DistillMethod):
-    """Soft targets at temperature T plus the label loss.
+    """Soft targets at temperature T plus the label loss (Hinton et al., 2015, section 2).
 
-    ``L = α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, y)``; the T² factor keeps the
-    soft term's gradients on the scale of the hard term's as T changes.
+    ``L = α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, y)``
+
+    with s, t the student and teacher logits, T = ``distill.temperature``, α = ``distill.alpha``.
     """
 
     def loss(
         self, student: ModelOutputs, teacher: ModelOutputs | None, target: torch.Tensor, state: dict[str, Any]
     ) -> torch.Tensor:
-        assert teacher is not None
-        alpha, temperature = self.spec.alpha, self.spec.temperature
-        soft = soft_kl(student.logits, teacher.logits, temperature)
+        teacher = self._teacher(teacher)
+        alpha = self.spec.alpha
+        soft = soft_kl(student.logits, teacher.logits, self.spec.temperature)
         return alpha * soft + (1 - alpha) * F.cross_entropy(student.logits, target)

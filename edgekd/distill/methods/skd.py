@@ -1,6 +1,11 @@
-"""``skd``: signal knowledge distillation — Hou, Li, Lin, Liang, Han, "ClST: A Convolutional Transformer
-Framework for Automatic Modulation Recognition by Knowledge Distillation", IEEE TWC 23(7), 2024
-(arXiv:2312.17446)."""
+"""``skd``: signal knowledge distillation.
+
+Hou, Li, Lin, Liang, Han, "ClST: A Convolutional Transformer Framework for Automatic Modulation
+Recognition by Knowledge Distillation", IEEE Trans. Wireless Commun. 23(7):8013-8028, 2024
+(arXiv:2312.17446). SKD trains the lightweight KD-CNN and KD-MobileNet students from the ClST teacher
+with the teacher's temperature-softened outputs (soft targets) and a hybrid loss that keeps the
+label supervision while also preserving the teacher's knowledge.
+"""
 
 from __future__ import annotations
 
@@ -16,33 +21,41 @@ from edgekd.recipe import DistillSpec
 
 @METHODS.register("skd")
 class SignalKD(DistillMethod):
-    """Soft targets plus a term that keeps the teacher's signal representation in the student.
+    """Signal knowledge distillation (Hou et al., 2024): soft targets + labels + teacher embedding.
 
-    SKD trains the lightweight students with the teacher's temperature-softened outputs and a
-    hybrid loss that also preserves the teacher's knowledge beyond its output distribution. We
-    realise the preserving term on the penultimate embedding: the student's embedding passes a
-    learned linear connector to the teacher's width and is matched to the (frozen) teacher
-    embedding after L2 normalisation, so the term is scale-free across architectures:
+    ``L = α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, y) + β · ‖n(W f_s + b) − n(f_t)‖²``
 
-    ``L = α · T² · KL(p_t^T ‖ p_s^T) + (1 − α) · CE(s, y) + β · ‖n(W f_s) − n(f_t)‖²``
+    - s, t: student and teacher logits; T = ``distill.temperature``; α = ``distill.alpha``;
+    - f_s, f_t: student and teacher penultimate embeddings; ``W, b``: a learned linear connector
+      from the student's width to the teacher's (trained with the student, dropped after training);
+    - n(v) = v / ‖v‖₂ per sample, so the last term is 2 − 2·cos(W f_s + b, f_t), bounded in [0, 4]
+      and independent of the scale of either embedding; β = ``distill.beta``; batch mean throughout.
 
-    with ``n`` the L2 normalisation and β = ``distill.beta``. At β = 0 this is Hinton KD.
+    The first two terms are SKD's soft targets (temperature-softened teacher outputs) and the
+    hard-label loss they are mixed with. The third is the term that preserves the teacher's
+    knowledge: the parts of the paper we could consult (abstract and summaries) name it without its
+    equation, so its form is ours: a FitNets-style hint (Romero et al., ICLR 2015) on the
+    penultimate embedding through a linear connector, cosine-normalised so one β suits teachers and
+    students of any width.
+    With β = 0 no connector is built, features are not requested, and SKD equals Hinton KD.
     """
-
-    needs_features = True
 
     def __init__(self, spec: DistillSpec, num_classes: int, student_dim: int, teacher_dim: int) -> None:
         super().__init__(spec, num_classes, student_dim, teacher_dim)
-        self.connector = nn.Linear(student_dim, teacher_dim, bias=False)
+        self.needs_features = spec.beta > 0
+        self.connector = nn.Linear(student_dim, teacher_dim) if self.needs_features else None
 
     def loss(
         self, student: ModelOutputs, teacher: ModelOutputs | None, target: torch.Tensor, state: dict[str, Any]
     ) -> torch.Tensor:
-        assert teacher is not None and student.features is not None and teacher.features is not None
-        alpha, temperature, beta = self.spec.alpha, self.spec.temperature, self.spec.beta
-        soft = soft_kl(student.logits, teacher.logits, temperature)
-        hard = F.cross_entropy(student.logits, target)
+        teacher = self._teacher(teacher)
+        alpha, beta = self.spec.alpha, self.spec.beta
+        total = alpha * soft_kl(student.logits, teacher.logits, self.spec.temperature)
+        total = total + (1 - alpha) * F.cross_entropy(student.logits, target)
+        if self.connector is None:
+            return total
+        if student.features is None or teacher.features is None:
+            raise ValueError("skd with beta > 0 needs the student's and the teacher's features, got None")
         projected = F.normalize(self.connector(student.features), dim=1)
         reference = F.normalize(teacher.features.detach(), dim=1)
-        knowledge = (projected - reference).pow(2).sum(dim=1).mean()
-        return alpha * soft + (1 - alpha) * hard + beta * knowledge
+        return total + beta * (projected - reference).pow(2).sum(dim=1).mean()

@@ -12,7 +12,7 @@ from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs
 
 @METHODS.register("none", aliases=("ce", "supervised"))
 class Supervised(DistillMethod):
-    """Cross-entropy on the ground-truth labels; no teacher."""
+    """Cross-entropy on the ground-truth labels, ``L = CE(s, y)``; no teacher is used or needed."""
 
     needs_teacher = False
 
