@@ -18,11 +18,11 @@ def preflight(recipe: Recipe) -> None:
     """Fail in seconds, before any training, on names that cannot resolve or a runtime that is missing."""
     from edgekd.backends import get_backend
     from edgekd.distill.methods import METHODS
-    from edgekd.models import MODELS
+    from edgekd.models import model_factory
 
     target = resolve_target(recipe.target)
-    MODELS.canonical(recipe.teacher.model)
-    MODELS.canonical(recipe.student.model)
+    model_factory(recipe.teacher.model)
+    model_factory(recipe.student.model)
     METHODS.canonical(recipe.distill.method)
     get_backend(target.backend)
 

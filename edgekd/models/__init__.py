@@ -23,7 +23,17 @@ MODELS.register("edgekd:kd-cnn")(KDCNN)
 MODELS.register("edgekd:kd-mobilenet")(KDMobileNet)
 MODELS.register("edgekd:cnn")(CNN)
 
-__all__ = ["CNN", "KDCNN", "MODELS", "ClST", "KDMobileNet", "build_model"]
+__all__ = ["CNN", "KDCNN", "MODELS", "ClST", "KDMobileNet", "build_model", "model_factory"]
+
+
+def model_factory(name: str) -> ModelFactory:
+    """The constructor registered as ``name``; a one-line ModelError for unknown or timm names."""
+    if name.startswith("timm:"):
+        raise ModelError(
+            f"model {name!r}: timm models are not supported yet for this task (IQ signal frames); "
+            f"use one of: {', '.join(MODELS.names())}"
+        )
+    return MODELS.get(name)
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 2) -> nn.Module:
@@ -32,12 +42,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 2) -> nn.Module:
     Raises :class:`ModelError` for an unknown name (listing the known ones, with a close match),
     for ``timm:`` names (not supported for this task yet) and for non-positive sizes.
     """
-    if name.startswith("timm:"):
-        raise ModelError(
-            f"model {name!r}: timm models are not supported yet for this task (IQ signal frames); "
-            f"use one of: {', '.join(MODELS.names())}"
-        )
-    factory = MODELS.get(name)
+    factory = model_factory(name)
     if num_classes < 1 or in_channels < 1:
         raise ModelError(
             f"model {name!r}: num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}"
