@@ -67,7 +67,7 @@ class DistillSpec(Section):
 
 
 class ExportSpec(Section):
-    opset: int = Field(18, ge=13, le=23)
+    opset: int = Field(18, ge=18, le=23, description="ONNX opset (torch 2.14 dynamo exporter: >= 18)")
     tolerance: float = Field(1e-4, gt=0, description="max |ONNX - PyTorch| accepted")
     parity_samples: int = Field(64, ge=1)
 
