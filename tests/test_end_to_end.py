@@ -51,8 +51,12 @@ def test_report_has_every_row_with_real_numbers(small_run):
     assert teacher["params"] > student["params"]
     assert report["export"]["parity"]["max_abs_diff"] < 1e-4
     assert report["quantization"]["quantization"]["calibration"]["samples_used"] == 64
-    fp32_onnx = report["rows"][2]
+    fp32_onnx, int8_onnx = report["rows"][2], report["rows"][3]
     assert fp32_onnx["accuracy"]["accuracy"] == pytest.approx(student["accuracy"]["accuracy"], abs=0.01)
+    assert fp32_onnx["accuracy"]["agreement"] >= 0.99  # the same network, up to float rounding
+    assert 0 <= int8_onnx["accuracy"]["agreement"] <= 1
+    assert report["headline"]["int8_agreement_with_pytorch"] == int8_onnx["accuracy"]["agreement"]
+    assert student["accuracy"]["agreement"] is None
     assert set(report["stages"]) == {"teacher", "distill", "export", "quantize", "compile", "profile"}
     markdown = (run_dir / "report.md").read_text()
     assert "Accuracy per SNR" in markdown and "student (onnxruntime INT8)" in markdown

@@ -135,3 +135,19 @@ def test_device_side_code_needs_no_torch_or_onnx() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_agreement_with_a_reference_model() -> None:
+    """Share of samples on which a runner predicts the same class as a reference model."""
+    class Fixed:
+        info = {"backend": "fixed"}
+
+        def run(self, batch):
+            return np.eye(3, dtype=np.float32)[np.arange(len(batch)) % 3]
+
+    x = np.zeros((6, 2), np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2])
+    reference = np.array([0, 1, 2, 1, 1, 1])  # agrees on samples 0, 1, 2, 4
+    result = evaluate_classifier(Fixed(), x, y, batch_size=6, reference=reference)
+    assert result["accuracy"] == 1.0 and result["agreement"] == pytest.approx(4 / 6)
+    assert evaluate_classifier(Fixed(), x, y, batch_size=6)["agreement"] is None

@@ -45,13 +45,16 @@ def evaluate_classifier(
     y: np.ndarray,
     batch_size: int,
     groups: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
 ) -> dict:
     """Top-1 accuracy of ``runner`` on ``(x, y)``.
 
     Returns ``{accuracy, n, per_group, per_group_n, confusion}``: ``per_group`` maps each value of
     ``groups`` (one per sample, e.g. the SNR in dB; numerically sorted, keys like ``"-20"``) to the
     accuracy on its samples (None when ``groups`` is None); ``confusion[true][predicted]`` counts
-    samples, over ``max(classes in the logits, largest label + 1)`` classes.
+    samples, over ``max(classes in the logits, largest label + 1)`` classes. With ``reference`` (another
+    model's predicted classes on the same samples) ``agreement`` is the share of equal predictions:
+    how faithfully a compiled artifact reproduces the model it was built from.
     """
     labels = np.asarray(y)
     if len(x) == 0:
@@ -72,6 +75,7 @@ def evaluate_classifier(
         "per_group": None,
         "per_group_n": None,
         "confusion": confusion.tolist(),
+        "agreement": None if reference is None else float(np.mean(predicted == np.asarray(reference))),
     }
     if groups is not None:
         group_values = np.asarray(groups)

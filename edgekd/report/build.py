@@ -78,6 +78,7 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["int8_speedup_vs_fp32"] = round(
             fp32_artifact["latency"]["p50_ms"] / int8_artifact["latency"]["p50_ms"], 2
         )
+        out["int8_agreement_with_pytorch"] = int8_artifact["accuracy"]["agreement"]
     return out
 
 

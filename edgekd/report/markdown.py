@@ -39,6 +39,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
                 human_count(row.get("flops")),
                 human_bytes(row["size_bytes"]),
                 f"{row['accuracy']['accuracy']:.4f}",
+                "–" if row["accuracy"].get("agreement") is None else f"{row['accuracy']['agreement']:.4f}",
                 f"{lat['p50_ms']:.3f}",
                 f"{lat['p90_ms']:.3f}",
                 f"{lat['p99_ms']:.3f}",
@@ -48,7 +49,18 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
     return out
 
 
-SUMMARY_HEADER = ["model", "params", "FLOPs", "size", "accuracy", "p50 ms", "p90 ms", "p99 ms", "samples/s"]
+SUMMARY_HEADER = [
+    "model",
+    "params",
+    "FLOPs",
+    "size",
+    "accuracy",
+    "agrees w/ PyTorch",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "samples/s",
+]
 
 
 def _per_snr(report: dict[str, Any]) -> list[str]:
@@ -108,6 +120,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Latency: {proto['warmup']} warm-up + {proto['iterations']} timed calls, batch {proto['batch']}, "
         f"{proto['threads']} threads, clock {proto['clock']}, percentiles {proto['percentile_method']}; "
         "the table is model-only; end-to-end (with the frame normalisation) p50 is in report.json.",
+        "- Agreement: share of held-out frames where an artifact predicts the same class as the PyTorch "
+        "student it was compiled from (an INT8 collapse shows here before it shows in accuracy).",
         f"- Accuracy: the held-out split ({report['rows'][0]['accuracy']['n']} frames), same for every row.",
         "",
         "## Stage times",

@@ -2,8 +2,9 @@
 
 Rows: the teacher and the student in PyTorch (the reference), then each compiled artifact of the
 target (e.g. student FP32 ONNX and INT8 ONNX on ONNX Runtime). Accuracy is that of the artifact
-itself, overall and per SNR; latency follows the recorded protocol (warm-up, iterations, batch,
-threads), model-only and end-to-end with the frame normalisation.
+itself, overall and per SNR, and for each artifact the share of held-out frames on which it predicts
+the same class as the PyTorch student it was built from; latency follows the recorded protocol
+(warm-up, iterations, batch, threads), model-only and end-to-end with the frame normalisation.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from edgekd.data.base import normalise_frames
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights
 from edgekd.pipeline import RunContext, Stage
-from edgekd.profile.accuracy import evaluate_classifier
+from edgekd.profile.accuracy import evaluate_classifier, predict
 from edgekd.profile.latency import measure_latency
 from edgekd.recipe import Recipe
 
@@ -40,7 +41,9 @@ def _inputs(ctx: RunContext) -> list[Path]:
     return [ctx.path("teacher", "model_file"), ctx.path("distill", "model_file"), *artifacts]
 
 
-def _measure(ctx: RunContext, runner: Any, row: dict[str, Any]) -> dict[str, Any]:
+def _measure(
+    ctx: RunContext, runner: Any, row: dict[str, Any], reference: np.ndarray | None = None
+) -> dict[str, Any]:
     _, val_set, _ = ctx.dataset
     spec = ctx.recipe.profile
     limit = spec.eval_samples or len(val_set)
@@ -50,6 +53,7 @@ def _measure(ctx: RunContext, runner: Any, row: dict[str, Any]) -> dict[str, Any
         val_set.y[:limit],
         batch_size=256,
         groups=None if val_set.snr is None else val_set.snr[:limit],
+        reference=reference,
     )
     sample = np.ascontiguousarray(val_set.x[: spec.batch_size])
     latency = measure_latency(runner, sample, spec.warmup, spec.iterations, preprocess=normalise_frames)
@@ -57,7 +61,7 @@ def _measure(ctx: RunContext, runner: Any, row: dict[str, Any]) -> dict[str, Any
     return {**row, "accuracy": evaluation, "latency": latency}
 
 
-def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> dict[str, Any]:
+def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> tuple[dict[str, Any], TorchRunner]:
     _, _, meta = ctx.dataset
     name, path = ctx.output(stage, "model"), ctx.path(stage, "model_file")
     model = build_model(name, num_classes=len(meta.classes), in_channels=meta.input_shape[0])
@@ -72,12 +76,17 @@ def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> dict[str
         "params": ctx.output(stage, "params"),
         "flops": ctx.output(stage, "flops"),
     }
-    return _measure(ctx, TorchRunner(model, threads=threads), row)
+    runner = TorchRunner(model, threads=threads)
+    return _measure(ctx, runner, row), runner
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     threads = ctx.recipe.profile.threads or os.cpu_count() or 1
-    rows = [_torch_row(ctx, "teacher", "teacher", threads), _torch_row(ctx, "distill", "student", threads)]
+    teacher_row, _ = _torch_row(ctx, "teacher", "teacher", threads)
+    student_row, student_runner = _torch_row(ctx, "distill", "student", threads)
+    rows = [teacher_row, student_row]
+    limit = ctx.recipe.profile.eval_samples or len(ctx.dataset[1])
+    reference = predict(student_runner, ctx.dataset[1].x[:limit], batch_size=256).argmax(axis=1)
     backend = get_backend(ctx.target.backend)
     for record in ctx.output("compile", "artifacts"):
         artifact = Artifact(
@@ -94,7 +103,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             "flops": ctx.output("distill", "flops"),
             "artifact": record["path"],
         }
-        rows.append(_measure(ctx, backend.load(artifact, threads=threads), row))
+        rows.append(_measure(ctx, backend.load(artifact, threads=threads), row, reference))
     return {"rows": rows, "threads": threads, "eval_frames": rows[0]["accuracy"]["n"]}
 
 
