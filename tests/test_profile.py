@@ -139,6 +139,7 @@ def test_device_side_code_needs_no_torch_or_onnx() -> None:
 
 def test_agreement_with_a_reference_model() -> None:
     """Share of samples on which a runner predicts the same class as a reference model."""
+
     class Fixed:
         info = {"backend": "fixed"}
 
