@@ -86,7 +86,12 @@ def fingerprint(stage: Stage, ctx: RunContext) -> str:
 
 
 def _output_files(outputs: dict[str, Any]) -> list[str]:
-    return [value for key, value in outputs.items() if key.endswith("_file") and isinstance(value, str)]
+    """Files a stage produced: values of keys ending in ``_file`` and items of keys ending in ``_files``."""
+    files = [value for key, value in outputs.items() if key.endswith("_file") and isinstance(value, str)]
+    for key, value in outputs.items():
+        if key.endswith("_files") and isinstance(value, list):
+            files += [item for item in value if isinstance(item, str)]
+    return files
 
 
 def _cached(stage_dir: Path, run_dir: Path, expected: str) -> dict[str, Any] | None:

@@ -122,3 +122,14 @@ def test_readme_main_job_default_recipe(tmp_path: Path):
     assert teacher > 0.5 and int8 > 0.4  # 11 classes: chance is 0.09; low-SNR frames cap the mean
     assert report["headline"]["speedup_vs_teacher"] > 1
     print(f"default pipeline wall time: {elapsed:.0f} s", file=sys.stderr)
+
+
+def test_deleted_artifact_is_rebuilt(small_run):
+    run_dir, _ = small_run
+    artifact = run_dir / "05-compile" / "student.int8.onnx"
+    artifact.unlink()
+    result = run_cli(
+        "compress", "--name", "small", "--set", f"runs_dir={run_dir.parent}", *SMALL, "--method", "kd"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[compile] running" in result.stdout and artifact.is_file()

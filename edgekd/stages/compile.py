@@ -38,7 +38,11 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         record = artifact.to_dict()
         record["path"] = str(artifact.path.relative_to(ctx.run_dir))
         artifacts.append(record)
-    return {"target": target.to_dict(), "artifacts": artifacts}
+    return {
+        "target": target.to_dict(),
+        "artifacts": artifacts,
+        "artifact_files": [record["path"] for record in artifacts],
+    }
 
 
 STAGE = Stage("compile", _run, _config, _inputs)
