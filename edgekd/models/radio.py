@@ -214,7 +214,20 @@ class ClST(RadioModel):
 # ------------------------------------------------------------------------------------------ students
 
 
-class KDCNN(RadioModel):
+class _PooledConvNet(RadioModel):
+    """Convolution layers, global average pooling, then one hidden fully connected layer as the embedding."""
+
+    def _pool_and_embed(self, layers: list[nn.Module], channels: int, hidden: int, dropout: float) -> None:
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.feature_dim = hidden
+        self.head = nn.Linear(hidden, self.num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+class KDCNN(_PooledConvNet):
     """KD-CNN student (Hou et al., 2024): a compact CNN trained by distillation from ClST.
 
     Four Conv1d + BatchNorm + ReLU layers (16, 32, 48, 64 channels; kernels 7, 5, 3, 3) with max
@@ -239,13 +252,7 @@ class KDCNN(RadioModel):
             if index < len(channels) - 1:
                 layers.append(nn.MaxPool1d(2))
             cin = cout
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.feature_dim = hidden
-        self.head = nn.Linear(hidden, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        self._pool_and_embed(layers, cin, hidden, dropout)
 
 
 class _DepthwiseSeparable(nn.Sequential):
@@ -292,7 +299,7 @@ class KDMobileNet(RadioModel):
         return self.features(x)
 
 
-class CNN(RadioModel):
+class CNN(_PooledConvNet):
     """Plain convolutional baseline: three Conv1d + ReLU + max-pool layers, no normalisation.
 
     In the spirit of the early AMR CNNs (O'Shea, Corgan, Clancy, "Convolutional Radio Modulation
@@ -315,10 +322,4 @@ class CNN(RadioModel):
         for cout, kernel in zip(channels, kernels, strict=True):
             layers += [nn.Conv1d(cin, cout, kernel, padding=kernel // 2), nn.ReLU(), nn.MaxPool1d(2)]
             cin = cout
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.feature_dim = hidden
-        self.head = nn.Linear(hidden, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+        self._pool_and_embed(layers, cin, hidden, dropout)
