@@ -37,6 +37,7 @@ class StageResult:
     fingerprint: str
     wall_s: float
     cached: bool
+    record_file: Path
 
 
 @dataclass
@@ -76,6 +77,11 @@ class Stage:
     inputs: Callable[[RunContext], list[Path]] = lambda ctx: []
 
 
+def recipe_fields(*names: str) -> Callable[[Recipe], dict[str, Any]]:
+    """A stage's config slice: the named top-level recipe fields, as JSON values."""
+    return lambda recipe: recipe.model_dump(mode="json", include=set(names))
+
+
 def fingerprint(stage: Stage, ctx: RunContext) -> str:
     """Hash of the stage's recipe slice and the content of its input files."""
     inputs = {
@@ -94,8 +100,7 @@ def _output_files(outputs: dict[str, Any]) -> list[str]:
     return files
 
 
-def _cached(stage_dir: Path, run_dir: Path, expected: str) -> dict[str, Any] | None:
-    record_path = stage_dir / STAGE_FILE
+def _cached(record_path: Path, run_dir: Path, expected: str) -> dict[str, Any] | None:
     if not record_path.is_file():
         return None
     try:
@@ -137,24 +142,25 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
     prepare_run_dir(ctx.run_dir)
     for index, stage in enumerate(stages, start=1):
         stage_dir = ctx.run_dir / stage_dir_name(index, stage)
+        record_file = stage_dir / STAGE_FILE
         expected = fingerprint(stage, ctx)
         record = (
-            None if (stage.name in force or "all" in force) else _cached(stage_dir, ctx.run_dir, expected)
+            None if (stage.name in force or "all" in force) else _cached(record_file, ctx.run_dir, expected)
         )
         if record is not None:
             ctx.results[stage.name] = StageResult(
-                stage.name, record["outputs"], expected, record["wall_s"], True
+                stage.name, record["outputs"], expected, record["wall_s"], True, record_file
             )
             ctx.log(f"[{stage.name}] cached ({record['wall_s']:.1f} s when run)")
             continue
         stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / STAGE_FILE).unlink(missing_ok=True)
+        record_file.unlink(missing_ok=True)
         ctx.log(f"[{stage.name}] running")
         start = time.perf_counter()
         outputs = stage.run(ctx, stage_dir)
         wall_s = time.perf_counter() - start
         atomic.write_json(
-            stage_dir / STAGE_FILE,
+            record_file,
             {
                 "stage": stage.name,
                 "fingerprint": expected,
@@ -165,6 +171,6 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
                 "pid": os.getpid(),
             },
         )
-        ctx.results[stage.name] = StageResult(stage.name, outputs, expected, wall_s, False)
+        ctx.results[stage.name] = StageResult(stage.name, outputs, expected, wall_s, False, record_file)
         ctx.log(f"[{stage.name}] done in {wall_s:.1f} s")
     return ctx.results

@@ -6,12 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.backends import get_backend
-from edgekd.pipeline import RunContext, Stage
-from edgekd.recipe import Recipe
-
-
-def _config(recipe: Recipe) -> dict[str, Any]:
-    return {"target": recipe.target}
+from edgekd.pipeline import RunContext, Stage, recipe_fields
 
 
 def _onnx_for(ctx: RunContext, precision: str) -> Path | None:
@@ -45,4 +40,4 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     }
 
 
-STAGE = Stage("compile", _run, _config, _inputs)
+STAGE = Stage("compile", _run, recipe_fields("target"), _inputs)

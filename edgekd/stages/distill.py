@@ -12,19 +12,9 @@ from edgekd.hashing import sha256_file
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.stats import count_flops, count_parameters
-from edgekd.pipeline import RunContext, Stage, fingerprint
-from edgekd.recipe import Recipe
+from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
 
 MODEL_FILE = "student.pt"
-
-
-def _config(recipe: Recipe) -> dict[str, Any]:
-    return {
-        "seed": recipe.seed,
-        "data": recipe.data.model_dump(mode="json"),
-        "student": recipe.student.model_dump(mode="json"),
-        "distill": recipe.distill.model_dump(mode="json"),
-    }
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
@@ -90,4 +80,4 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     }
 
 
-STAGE = Stage("distill", _run, _config, _inputs)
+STAGE = Stage("distill", _run, recipe_fields("seed", "data", "student", "distill"), _inputs)

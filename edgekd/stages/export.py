@@ -8,14 +8,9 @@ from typing import Any
 from edgekd.export.onnx import check_parity, export_onnx
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights
-from edgekd.pipeline import RunContext, Stage
-from edgekd.recipe import Recipe
+from edgekd.pipeline import RunContext, Stage, recipe_fields
 
 ONNX_FILE = "student.onnx"
-
-
-def _config(recipe: Recipe) -> dict[str, Any]:
-    return {"export": recipe.export.model_dump(mode="json")}
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
@@ -38,4 +33,4 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     }
 
 
-STAGE = Stage("export", _run, _config, _inputs)
+STAGE = Stage("export", _run, recipe_fields("export"), _inputs)

@@ -9,31 +9,20 @@ the same class as the PyTorch student it was built from; latency follows the rec
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekd.backends import get_backend
-from edgekd.backends.base import Artifact
+from edgekd.backends.base import Artifact, resolve_threads
 from edgekd.backends.torch import TorchRunner
-from edgekd.data.base import normalise_frames
+from edgekd.data.base import ArrayDataset, normalise_frames
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights
-from edgekd.pipeline import RunContext, Stage
+from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.profile.accuracy import evaluate_classifier, predict
 from edgekd.profile.latency import measure_latency
-from edgekd.recipe import Recipe
-
-
-def _config(recipe: Recipe) -> dict[str, Any]:
-    return {
-        "seed": recipe.seed,
-        "data": recipe.data.model_dump(mode="json"),
-        "profile": recipe.profile.model_dump(mode="json"),
-        "target": recipe.target,
-    }
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
@@ -41,21 +30,31 @@ def _inputs(ctx: RunContext) -> list[Path]:
     return [ctx.path("teacher", "model_file"), ctx.path("distill", "model_file"), *artifacts]
 
 
+EVAL_BATCH = 256
+
+
+def _evaluation_set(ctx: RunContext) -> ArrayDataset:
+    """The held-out split, capped at ``profile.eval_samples`` frames: the same for every row."""
+    _, val_set, _ = ctx.dataset
+    limit = ctx.recipe.profile.eval_samples or len(val_set)
+    snr = None if val_set.snr is None else val_set.snr[:limit]
+    return ArrayDataset(val_set.x[:limit], val_set.y[:limit], snr)  # views, no copies
+
+
 def _measure(
     ctx: RunContext, runner: Any, row: dict[str, Any], reference: np.ndarray | None = None
 ) -> dict[str, Any]:
-    _, val_set, _ = ctx.dataset
     spec = ctx.recipe.profile
-    limit = spec.eval_samples or len(val_set)
+    evaluation_set = _evaluation_set(ctx)
     evaluation = evaluate_classifier(
         runner,
-        val_set.x[:limit],
-        val_set.y[:limit],
-        batch_size=256,
-        groups=None if val_set.snr is None else val_set.snr[:limit],
+        evaluation_set.x,
+        evaluation_set.y,
+        batch_size=EVAL_BATCH,
+        groups=evaluation_set.snr,
         reference=reference,
     )
-    sample = np.ascontiguousarray(val_set.x[: spec.batch_size])
+    sample = np.ascontiguousarray(evaluation_set.x[: spec.batch_size])
     latency = measure_latency(runner, sample, spec.warmup, spec.iterations, preprocess=normalise_frames)
     ctx.log(f"  {row['name']}: accuracy {evaluation['accuracy']:.4f}, p50 {latency['p50_ms']:.3f} ms")
     return {**row, "accuracy": evaluation, "latency": latency}
@@ -81,12 +80,11 @@ def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> tuple[di
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
-    threads = ctx.recipe.profile.threads or os.cpu_count() or 1
+    threads = resolve_threads(ctx.recipe.profile.threads)
     teacher_row, _ = _torch_row(ctx, "teacher", "teacher", threads)
     student_row, student_runner = _torch_row(ctx, "distill", "student", threads)
     rows = [teacher_row, student_row]
-    limit = ctx.recipe.profile.eval_samples or len(ctx.dataset[1])
-    reference = predict(student_runner, ctx.dataset[1].x[:limit], batch_size=256).argmax(axis=1)
+    reference = predict(student_runner, _evaluation_set(ctx).x, batch_size=EVAL_BATCH).argmax(axis=1)
     backend = get_backend(ctx.target.backend)
     for record in ctx.output("compile", "artifacts"):
         artifact = Artifact(
@@ -107,4 +105,4 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     return {"rows": rows, "threads": threads, "eval_frames": rows[0]["accuracy"]["n"]}
 
 
-STAGE = Stage("profile", _run, _config, _inputs)
+STAGE = Stage("profile", _run, recipe_fields("seed", "data", "profile", "target"), _inputs)

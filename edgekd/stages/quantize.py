@@ -7,21 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from edgekd.pipeline import RunContext, Stage
+from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.quantize.calibration import CalibrationSet
 from edgekd.quantize.ort import quantize_static_int8
-from edgekd.recipe import Recipe
 
 INT8_FILE = "student.int8.onnx"
-
-
-def _config(recipe: Recipe) -> dict[str, Any]:
-    return {
-        "seed": recipe.seed,
-        "data": recipe.data.model_dump(mode="json"),
-        "quantize": recipe.quantize.model_dump(mode="json"),
-        "target": recipe.target,
-    }
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
@@ -62,4 +52,4 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     return {"int8_onnx_file": str((stage_dir / INT8_FILE).relative_to(ctx.run_dir)), "quantization": info}
 
 
-STAGE = Stage("quantize", _run, _config, _inputs)
+STAGE = Stage("quantize", _run, recipe_fields("seed", "data", "quantize", "target"), _inputs)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd import atomic
-from edgekd.pipeline import STAGE_FILE, RunContext, Stage
+from edgekd.pipeline import RunContext, Stage
 from edgekd.recipe import Recipe
 from edgekd.report.build import build_report
 from edgekd.report.markdown import render_markdown
@@ -17,7 +17,8 @@ def _config(recipe: Recipe) -> dict[str, Any]:
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
-    return sorted(ctx.run_dir.glob(f"0[1-6]-*/{STAGE_FILE}"))
+    """Every earlier stage's record: any rerun upstream rewrites the report."""
+    return [result.record_file for result in ctx.results.values()]
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:

@@ -10,18 +10,10 @@ from edgekd.distill.trainer import predict_accuracy, train
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.stats import count_flops, count_parameters
-from edgekd.pipeline import RunContext, Stage, fingerprint
-from edgekd.recipe import DistillSpec, Recipe
+from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
+from edgekd.recipe import DistillSpec
 
 MODEL_FILE = "teacher.pt"
-
-
-def _config(recipe: Recipe) -> dict[str, Any]:
-    return {
-        "seed": recipe.seed,
-        "data": recipe.data.model_dump(mode="json"),
-        "teacher": recipe.teacher.model_dump(mode="json"),
-    }
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
@@ -66,4 +58,4 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     }
 
 
-STAGE = Stage("teacher", _run, _config, _inputs)
+STAGE = Stage("teacher", _run, recipe_fields("seed", "data", "teacher"), _inputs)
