@@ -17,13 +17,21 @@ from edgekd.targets import resolve_target
 def preflight(recipe: Recipe) -> None:
     """Fail in seconds, before any training, on names that cannot resolve or a runtime that is missing."""
     from edgekd.backends import get_backend
-    from edgekd.distill.methods import METHODS
+    from edgekd.distill.methods import METHODS, parse_options
     from edgekd.models import model_factory
 
     target = resolve_target(recipe.target)
     model_factory(recipe.teacher.model)
     model_factory(recipe.student.model)
-    METHODS.canonical(recipe.distill.method)
+    method = METHODS.get(recipe.distill.method)
+    for name in recipe.distill.options:
+        parse_options(METHODS.get(name), recipe.distill, name)
+    if recipe.distill.label_fraction < 1 and not method.supports_missing_labels:
+        semi = ", ".join(name for name in METHODS.names() if METHODS.get(name).supports_missing_labels)
+        raise RecipeError(
+            f"distill.label_fraction={recipe.distill.label_fraction}: method {recipe.distill.method!r} "
+            f"needs every label; use one of {semi} or set distill.label_fraction: 1.0"
+        )
     get_backend(target.backend)
 
 

@@ -57,12 +57,30 @@ class StudentSpec(Section):
     checkpoint: Path | None = Field(None, description="initial student weights (optional)")
 
 
+class AugmentSpec(Section):
+    """A bank of seeded augmentation variants per train sample, each with its cached teacher output."""
+
+    enabled: bool = Field(False, description="train on augmented variants (variant 0 is the sample itself)")
+    variants: int = Field(4, ge=1, le=64, description="variants per sample in the bank (K)")
+    seed: int = Field(0, description="seeds the variants' parameters; part of the teacher-cache key")
+
+
 class DistillSpec(Section):
-    method: str = Field("skd", description="distillation method: none (labels only), kd, skd")
-    temperature: float = Field(4.0, gt=0)
+    method: str = Field("skd", description="distillation method; `edgekd methods` lists them with options")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature of the soft targets")
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term vs the label term")
-    beta: float = Field(0.5, ge=0, description="SKD: weight of the teacher-knowledge (feature) term")
+    options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per method name, its own hyperparameters, e.g. {dkd: {beta: 8}} (`edgekd methods`)",
+    )
     teacher_cache: bool = Field(True, description="compute teacher outputs once and reuse them")
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    label_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of train labels kept (semi-supervised methods: the rest unlabelled)",
+    )
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=15))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgekd.distill.methods import METHODS, DistillMethod, ModelOutputs, build_method
+from edgekd.distill.methods import METHODS, DistillMethod, ModelOutputs, ModelShape, build_method
 from edgekd.errors import RecipeError
 from edgekd.recipe import DistillSpec
 
@@ -34,7 +34,10 @@ def _hand_kd(alpha: float, temperature: float) -> float:
 
 
 def _method(name: str, student_dim: int = 4, teacher_dim: int = 6, **spec: float) -> DistillMethod:
-    return build_method(DistillSpec(method=name, **spec), 3, student_dim, teacher_dim)
+    options = {name: {"beta": spec.pop("beta")}} if "beta" in spec else {}
+    return build_method(
+        DistillSpec(method=name, options=options, **spec), 3, ModelShape(student_dim), ModelShape(teacher_dim)
+    )
 
 
 def _one(logits: list[float]) -> torch.Tensor:
@@ -68,7 +71,7 @@ def test_kd_equals_hand_computed_value() -> None:
 def test_kd_with_alpha_zero_is_cross_entropy() -> None:
     student, teacher = torch.randn(8, 5), torch.randn(8, 5)
     target = torch.randint(0, 5, (8,))
-    loss = build_method(DistillSpec(method="kd", alpha=0.0), 5, 4, 4).loss(
+    loss = build_method(DistillSpec(method="kd", alpha=0.0), 5, ModelShape(4), ModelShape(4)).loss(
         ModelOutputs(student), ModelOutputs(teacher), target, STATE
     )
     torch.testing.assert_close(loss, F.cross_entropy(student, target))
@@ -77,7 +80,9 @@ def test_kd_with_alpha_zero_is_cross_entropy() -> None:
 def test_kd_distillation_term_vanishes_when_student_matches_teacher() -> None:
     logits = torch.randn(8, 5) * 3
     for temperature in (1.0, 4.0, 10.0):
-        method = build_method(DistillSpec(method="kd", alpha=1.0, temperature=temperature), 5, 4, 4)
+        method = build_method(
+            DistillSpec(method="kd", alpha=1.0, temperature=temperature), 5, ModelShape(4), ModelShape(4)
+        )
         target = torch.zeros(8, dtype=torch.long)
         loss = method.loss(ModelOutputs(logits.clone()), ModelOutputs(logits.clone()), target, STATE)
         assert abs(loss.item()) < 1e-6

@@ -131,3 +131,19 @@ def stratified_split(
     val = stratified_pick(strata(data.y, data.snr), n_val, rng)
     train = np.setdiff1d(np.arange(len(data)), val, assume_unique=True)
     return data.subset(rng.permutation(train)), data.subset(rng.permutation(val))
+
+
+def hide_labels(data: ArrayDataset, keep_fraction: float, seed: int) -> ArrayDataset:
+    """A copy of ``data`` whose labels are kept for ``keep_fraction`` of frames and set to -1 elsewhere.
+
+    The labelled frames are a seeded stratified pick (every (class, SNR) group keeps its share), the
+    usual semi-supervised protocol; the frames themselves are unchanged.
+    """
+    if keep_fraction >= 1.0:
+        return data
+    keep = stratified_pick(
+        strata(data.y, data.snr), max(1, round(len(data) * keep_fraction)), seeded_rng(seed, "labels")
+    )
+    labels = np.full_like(data.y, -1)
+    labels[keep] = data.y[keep]
+    return ArrayDataset(data.x, labels, data.snr)

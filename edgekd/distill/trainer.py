@@ -21,9 +21,11 @@ from torch import nn
 
 from edgekd.atomic import atomic_path
 from edgekd.console import progress
+from edgekd.data.augment import IQAugmentationBank
 from edgekd.data.base import ArrayDataset
 from edgekd.distill.methods.base import DistillMethod, ModelOutputs
-from edgekd.distill.teacher_cache import TeacherOutputs
+from edgekd.distill.outputs import model_outputs
+from edgekd.distill.teacher_cache import TeacherOutputs, compute_teacher_outputs
 from edgekd.recipe import TrainSpec
 
 LATEST = "latest.pt"
@@ -33,6 +35,7 @@ LATEST = "latest.pt"
 class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from_epoch: int = 0
+    deployed_accuracy: float = 0.0  # held-out accuracy of the finalised (deployed) model
 
     @property
     def last_accuracy(self) -> float:
@@ -53,32 +56,44 @@ def predict_accuracy(model: nn.Module, data: ArrayDataset, batch_size: int = 512
     return correct / max(len(data), 1)
 
 
-def _outputs(model: nn.Module, x: torch.Tensor, with_features: bool) -> ModelOutputs:
-    features = model.forward_features(x)
-    return ModelOutputs(model.head(features), features if with_features else None)
-
-
 class _TeacherSource:
-    """Teacher outputs for a batch of train indices: from the cache, or by running the teacher."""
+    """Teacher outputs for a batch: from the cache (by sample and variant), or by running the teacher."""
 
-    def __init__(self, teacher: nn.Module | None, cached: TeacherOutputs | None, with_features: bool) -> None:
-        self.teacher, self.cached, self.with_features = teacher, cached, with_features
+    def __init__(
+        self, teacher: nn.Module | None, cached: TeacherOutputs | None, method: DistillMethod
+    ) -> None:
+        self.teacher, self.cached, self.method = teacher, cached, method
         if teacher is not None:
             teacher.eval()
 
-    def __call__(self, indices: np.ndarray, x: torch.Tensor) -> ModelOutputs | None:
-        if self.cached is not None:
+    def __call__(
+        self, indices: np.ndarray, variants: np.ndarray, x: torch.Tensor, live: bool
+    ) -> ModelOutputs | None:
+        if self.cached is not None and not live:
             feats = self.cached.features
             return ModelOutputs(
-                torch.from_numpy(np.asarray(self.cached.logits[indices])),
-                torch.from_numpy(np.asarray(feats[indices]))
-                if self.with_features and feats is not None
+                torch.from_numpy(np.asarray(self.cached.logits[variants, indices])),
+                torch.from_numpy(np.asarray(feats[variants, indices]))
+                if self.method.needs_features
                 else None,
             )
         if self.teacher is None:
             return None
         with torch.no_grad():
-            return _outputs(self.teacher, x, self.with_features)
+            return model_outputs(self.teacher, x, self.method.needs_features, self.method.needs_feature_maps)
+
+
+def split_held_out(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train-split indices into (fit, held-out), stratified by label; held-out empty for fraction 0."""
+    if fraction <= 0:
+        return np.arange(len(labels)), np.arange(0)
+    rng = np.random.default_rng([seed, 7])
+    held: list[np.ndarray] = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        held.append(members[: max(1, round(fraction * len(members)))])
+    held_out = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held_out), held_out
 
 
 def train(
@@ -92,42 +107,79 @@ def train(
     fingerprint: str,
     teacher: nn.Module | None = None,
     teacher_outputs: TeacherOutputs | None = None,
+    bank: IQAugmentationBank | None = None,
     label: str = "train",
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train ``model`` with ``method``'s loss for ``spec.epochs``, resuming from ``latest.pt``."""
-    params = [*model.parameters(), *method.parameters()]
+    """Train ``model`` with ``method``'s loss for ``spec.epochs``, resuming from ``latest.pt``.
+
+    Each epoch visits every fit sample once in a seeded order; with an augmentation ``bank`` each
+    visit uses one of the sample's K variants, drawn from the seed and the epoch. Train labels of
+    -1 mark unlabelled samples (semi-supervised methods). After the last epoch the method's
+    :meth:`~DistillMethod.finalize` turns the student into the deployed model.
+    """
+    source = _TeacherSource(teacher, teacher_outputs, method)
+    x_all, y_all = torch.from_numpy(train_set.x), torch.from_numpy(train_set.y)
+    dataset_outputs = (
+        _dataset_teacher_outputs(source, teacher_outputs, x_all) if method.needs_teacher_dataset else None
+    )
+    method.prepare(model, y_all, dataset_outputs)
+    params = [*model.parameters(), *method.student_parameters()]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    steps_per_epoch = max(1, -(-len(train_set) // spec.batch_size))
+    fit, held_out = split_held_out(train_set.y, method.held_out_fraction, seed)
+    steps_per_epoch = max(1, -(-len(fit) // spec.batch_size))
+    total_steps = spec.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=spec.lr, total_steps=spec.epochs * steps_per_epoch, pct_start=0.2
+        optimizer, max_lr=spec.lr, total_steps=total_steps, pct_start=0.2
     )
     result = TrainResult()
     first_epoch = _resume(stage_dir / LATEST, fingerprint, model, method, optimizer, scheduler, result, log)
-    source = _TeacherSource(teacher, teacher_outputs, method.needs_features)
-    x_all, y_all = torch.from_numpy(train_set.x), torch.from_numpy(train_set.y)
-
     with progress() as bar:
         task = bar.add_task(label, total=spec.epochs, completed=first_epoch, status="")
         for epoch in range(first_epoch, spec.epochs):
             torch.manual_seed(seed * 100_003 + epoch)
-            order = np.random.default_rng([seed, epoch]).permutation(len(train_set))
+            generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            rng = np.random.default_rng([seed, epoch])
+            order = fit[rng.permutation(len(fit))]
+            variants = (
+                rng.integers(0, bank.variants, size=len(train_set)) if bank else np.zeros(len(train_set), int)
+            )
+            held_order = held_out[rng.permutation(len(held_out))]
             model.train()
             method.train()
             total, batches = 0.0, 0
-            for start in range(0, len(order), spec.batch_size):
+            for batch_index, start in enumerate(range(0, len(order), spec.batch_size)):
                 indices = order[start : start + spec.batch_size]
+                batch_variants = variants[indices]
                 x, y = x_all[indices], y_all[indices]
+                if bank is not None:
+                    x = bank.apply(x, indices, batch_variants)
+                state = {
+                    "epoch": epoch,
+                    "epochs": spec.epochs,
+                    "step": epoch * steps_per_epoch + batch_index,
+                    "steps": total_steps,
+                }
+                mix = method.mix_batch(x, y, generator)
+                if mix is not None:
+                    lam = mix.lam.view(-1, *([1] * (x.dim() - 1)))
+                    x = lam * x + (1 - lam) * x[mix.partner]
+                    state["mix"] = mix
+                live = mix is not None or method.needs_feature_maps
+                teacher_batch = source(indices, batch_variants, x, live) if method.needs_teacher else None
                 loss = method.loss(
-                    _outputs(model, x, method.needs_features),
-                    source(indices, x) if method.needs_teacher else None,
+                    model_outputs(model, x, method.needs_features, method.needs_feature_maps),
+                    teacher_batch,
                     y,
-                    {"epoch": epoch, "epochs": spec.epochs},
+                    state,
                 )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
+                if len(held_order):
+                    pick = np.resize(held_order, (batch_index + 1) * spec.batch_size)[-spec.batch_size :]
+                    method.meta_step(model, (x, y, teacher_batch), (x_all[pick], y_all[pick]), state)
                 total += float(loss.detach())
                 batches += 1
             accuracy = predict_accuracy(model, val_set)
@@ -140,7 +192,25 @@ def train(
             )
             _save_latest(stage_dir / LATEST, fingerprint, epoch, model, method, optimizer, scheduler, result)
             bar.update(task, advance=1, status=f"loss {total / batches:.3f}  val acc {accuracy:.3f}")
+    method.finalize(model)
+    result.deployed_accuracy = predict_accuracy(model, val_set)
     return result
+
+
+def _dataset_teacher_outputs(
+    source: _TeacherSource, cached: TeacherOutputs | None, x_all: torch.Tensor
+) -> ModelOutputs:
+    """The teacher's logits and embeddings for the whole train split (variant 0), from the cache if any."""
+    if cached is not None:
+        return ModelOutputs(
+            torch.from_numpy(np.asarray(cached.logits[0])), torch.from_numpy(np.asarray(cached.features[0]))
+        )
+    if source.teacher is None:
+        raise ValueError(
+            "the method needs the teacher's outputs for the train split, but there is no teacher"
+        )
+    computed = compute_teacher_outputs(source.teacher, x_all.numpy(), batch_size=512)
+    return ModelOutputs(torch.from_numpy(computed.logits[0]), torch.from_numpy(computed.features[0]))
 
 
 def _save_latest(

@@ -1,6 +1,8 @@
 """Model checkpoints: one torch file holding the architecture name, sizes and weights.
 
-Layout: ``{"model": name, "num_classes": int, "in_channels": int, "state_dict": {...}, **extra}``.
+Layout: ``{"model": name, "num_classes": int, "in_channels": int, "state_dict": {...}, **extra}``,
+plus ``"head": {...}`` when the model deploys a head other than one linear layer (see
+:mod:`edgekd.models.heads`).
 Files are written atomically and read with ``torch.load(weights_only=True)``, so a checkpoint can
 hold tensors and plain Python values (numbers, strings, lists, dicts) but never arbitrary objects.
 Every problem with a checkpoint a user passed becomes one :class:`ModelError` line naming the file.
@@ -18,8 +20,9 @@ from torch import nn
 
 from edgekd.atomic import atomic_path
 from edgekd.errors import ModelError
+from edgekd.models.heads import build_head
 
-RESERVED_KEYS = ("model", "num_classes", "in_channels", "state_dict")
+RESERVED_KEYS = ("model", "num_classes", "in_channels", "state_dict", "head")
 _LISTED = 3  # how many offending tensor names an error message lists
 
 
@@ -42,6 +45,8 @@ def save_checkpoint(
         "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
         **extra,
     }
+    if hasattr(model.head, "spec"):
+        payload["head"] = model.head.spec()
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -88,6 +93,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], expected_name: 
             f"use a checkpoint of {expected_name!r} or set the model to {saved_name!r}"
         )
     saved: dict[str, torch.Tensor] = checkpoint["state_dict"]
+    if isinstance(checkpoint.get("head"), dict):
+        model.head = build_head(checkpoint["head"], model.feature_dim, int(checkpoint["num_classes"]))
     own = model.state_dict()
     missing = [key for key in own if key not in saved]
     unexpected = [key for key in saved if key not in own]

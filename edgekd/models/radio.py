@@ -22,10 +22,11 @@ Every model accepts any frame length L >= 32 (128 for RML2016, 1024 for RML2018)
 feature maps are pooled globally before the head, and no layer depends on L.
 
 Every model exposes the same interface: ``forward_features(x) -> (B, feature_dim)`` (penultimate
-embedding), ``head: nn.Linear`` with ``forward(x) == head(forward_features(x))``, and the
-attributes ``feature_dim``, ``num_classes`` and ``in_channels``. Only standard layers are used
-(Conv1d, BatchNorm1d, LayerNorm, Linear, matmul, softmax), so the models export to ONNX with a
-dynamic batch axis and quantise without custom operators.
+embedding), ``head: nn.Linear`` with ``forward(x) == head(forward_features(x))``, the attributes
+``feature_dim``, ``num_classes`` and ``in_channels``, and ``hint_layers``: the names of the
+submodules whose outputs (B, C_i, L_i), shallow to deep, feature-map distillation methods match.
+Only standard layers are used (Conv1d, BatchNorm1d, LayerNorm, Linear, matmul, softmax), so the
+models export to ONNX with a dynamic batch axis and quantise without custom operators.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class RadioModel(nn.Module):
 
     feature_dim: int
     head: nn.Linear
+    hint_layers: tuple[str, ...]
 
     def __init__(self, num_classes: int, in_channels: int) -> None:
         super().__init__()
@@ -201,6 +203,7 @@ class ClST(RadioModel):
             stages.append(ClSTStage(cin, dim, depth, head_count, stride=2, drop_path=drop_path))
             cin = dim
         self.stages = nn.Sequential(*stages)
+        self.hint_layers = ("stem", *(f"stages.{index}" for index in range(len(stages))))
         self.norm = nn.LayerNorm(cin)
         self.dropout = nn.Dropout(dropout)
         self.feature_dim = cin
@@ -218,6 +221,9 @@ class _PooledConvNet(RadioModel):
     """Convolution layers, global average pooling, then one hidden fully connected layer as the embedding."""
 
     def _pool_and_embed(self, layers: list[nn.Module], channels: int, hidden: int, dropout: float) -> None:
+        self.hint_layers = tuple(
+            f"features.{i}" for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)
+        )
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten())
         self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(), nn.Dropout(dropout))
         self.feature_dim = hidden
@@ -292,6 +298,7 @@ class KDMobileNet(RadioModel):
             units.append(_DepthwiseSeparable(cin, cout, kernel, stride))
             cin = cout
         self.features = nn.Sequential(*units, nn.AdaptiveAvgPool1d(1), nn.Flatten())
+        self.hint_layers = ("features.2", *(f"features.{3 + i}" for i in range(len(channels))))
         self.feature_dim = cin
         self.head = nn.Linear(cin, num_classes)
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgekd.distill.methods import build_method
+from edgekd.data.augment import augmentation_bank
+from edgekd.data.base import hide_labels
+from edgekd.distill.methods import build_method, resolved_options
+from edgekd.distill.outputs import probe_shape
 from edgekd.distill.teacher_cache import cache_key, cached_teacher_outputs
 from edgekd.distill.trainer import train
 from edgekd.hashing import sha256_file
@@ -13,6 +16,7 @@ from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.stats import count_flops, count_parameters
 from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
+from edgekd.recipe import Recipe
 
 MODEL_FILE = "student.pt"
 
@@ -24,7 +28,7 @@ def _inputs(ctx: RunContext) -> list[Path]:
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     train_set, val_set, meta = ctx.dataset
-    recipe = ctx.recipe
+    recipe, spec = ctx.recipe, ctx.recipe.distill
     classes, channels = len(meta.classes), meta.input_shape[0]
     teacher_name = ctx.output("teacher", "model")
     teacher_file = ctx.path("teacher", "model_file")
@@ -34,14 +38,21 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     student = build_model(recipe.student.model, num_classes=classes, in_channels=channels)
     if recipe.student.checkpoint is not None:
         load_weights(student, recipe.student.checkpoint, recipe.student.model)
-    method = build_method(recipe.distill, classes, student.feature_dim, teacher.feature_dim)
+    method = build_method(
+        spec, classes, probe_shape(student, meta.input_shape), probe_shape(teacher, meta.input_shape)
+    )
+    train_set = hide_labels(train_set, spec.label_fraction, recipe.seed)
+    augment = spec.augment.model_dump() if spec.augment.enabled else None
+    bank = (
+        augmentation_bank(meta, len(train_set), spec.augment.variants, spec.augment.seed) if augment else None
+    )
 
-    teacher_outputs, cache_info = None, {"enabled": recipe.distill.teacher_cache, "hit": False}
-    if method.needs_teacher and recipe.distill.teacher_cache:
-        key = cache_key(sha256_file(teacher_file), meta.fingerprint)
+    teacher_outputs, cache_info = None, {"enabled": spec.teacher_cache, "used": False, "hit": False}
+    if spec.teacher_cache and (method.uses_teacher_cache or method.needs_teacher_dataset):
+        key = cache_key(sha256_file(teacher_file), meta.fingerprint, augment)
         cache_dir = recipe.runs_dir.parent / "cache" / "teacher"
-        teacher_outputs, hit = cached_teacher_outputs(teacher, train_set.x, cache_dir, key)
-        cache_info = {"enabled": True, "hit": hit, "key": key}
+        teacher_outputs, hit = cached_teacher_outputs(teacher, train_set.x, cache_dir, key, bank)
+        cache_info = {"enabled": True, "used": method.uses_teacher_cache, "hit": hit, "key": key}
         ctx.log(f"  teacher outputs {'reused from' if hit else 'computed into'} cache {key}")
 
     result = train(
@@ -49,35 +60,46 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         method,
         train_set,
         val_set,
-        recipe.distill.train,
+        spec.train,
         recipe.seed,
         stage_dir,
         fingerprint(STAGE, ctx),
         teacher=teacher,
         teacher_outputs=teacher_outputs,
-        label=f"student ({recipe.distill.method})",
+        bank=bank,
+        label=f"student ({spec.method})",
         log=ctx.log,
     )
     save_checkpoint(
         stage_dir / MODEL_FILE,
         student,
         recipe.student.model,
-        {"data_fingerprint": meta.fingerprint, "method": recipe.distill.method},
+        {"data_fingerprint": meta.fingerprint, "method": spec.method},
     )
     best = result.best
     return {
         "model_file": str((stage_dir / MODEL_FILE).relative_to(ctx.run_dir)),
         "model": recipe.student.model,
-        "method": recipe.distill.method,
+        "method": spec.method,
+        "method_options": method.options.model_dump(),
         "params": count_parameters(student),
         "flops": count_flops(student, meta.input_shape),
-        "val_accuracy_last": result.last_accuracy,
+        "val_accuracy_last": round(result.deployed_accuracy, 5),
         "val_accuracy_best": best["val_accuracy"],
         "best_epoch": best["epoch"],
         "resumed_from_epoch": result.resumed_from_epoch,
         "teacher_cache": cache_info,
+        "augment": augment,
+        "label_fraction": spec.label_fraction,
         "history": result.history,
     }
 
 
-STAGE = Stage("distill", _run, recipe_fields("seed", "data", "student", "distill"), _inputs)
+def _config(recipe: Recipe) -> dict[str, Any]:
+    """The stage's recipe slice, with only the chosen method's options (defaults filled in)."""
+    config = recipe_fields("seed", "data", "student", "distill")(recipe)
+    config["distill"]["options"] = resolved_options(recipe.distill)
+    return config
+
+
+STAGE = Stage("distill", _run, _config, _inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgekd.distill.methods import build_method
+from edgekd.distill.methods import ModelShape, build_method
 from edgekd.distill.trainer import predict_accuracy, train
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights, save_checkpoint
@@ -29,9 +29,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         load_weights(model, spec.checkpoint, spec.model)
         origin = str(spec.checkpoint)
     else:
-        method = build_method(
-            DistillSpec(method="none"), len(meta.classes), model.feature_dim, model.feature_dim
-        )
+        shape = ModelShape(model.feature_dim)
+        method = build_method(DistillSpec(method="none"), len(meta.classes), shape, shape)
         result = train(
             model,
             method,

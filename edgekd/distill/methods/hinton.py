@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs, soft_kl
+from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs, label_ce, soft_kl
 
 
 @METHODS.register("kd", aliases=("hinton",))
@@ -17,7 +16,10 @@ class HintonKD(DistillMethod):
     ``L = α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, y)``
 
     with s, t the student and teacher logits, T = ``distill.temperature``, α = ``distill.alpha``.
+    Unlabelled samples (semi-supervised runs) contribute the soft term only.
     """
+
+    supports_missing_labels = True
 
     def loss(
         self, student: ModelOutputs, teacher: ModelOutputs | None, target: torch.Tensor, state: dict[str, Any]
@@ -25,4 +27,4 @@ class HintonKD(DistillMethod):
         teacher = self._teacher(teacher)
         alpha = self.spec.alpha
         soft = soft_kl(student.logits, teacher.logits, self.spec.temperature)
-        return alpha * soft + (1 - alpha) * F.cross_entropy(student.logits, target)
+        return alpha * soft + (1 - alpha) * label_ce(student.logits, target)

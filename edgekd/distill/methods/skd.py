@@ -13,9 +13,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs, soft_kl
+from edgekd.distill.methods.base import (
+    METHODS,
+    DistillMethod,
+    MethodOptions,
+    ModelOutputs,
+    ModelShape,
+    label_ce,
+    soft_kl,
+)
 from edgekd.recipe import DistillSpec
 
 
@@ -40,18 +49,21 @@ class SignalKD(DistillMethod):
     With β = 0 no connector is built, features are not requested, and SKD equals Hinton KD.
     """
 
-    def __init__(self, spec: DistillSpec, num_classes: int, student_dim: int, teacher_dim: int) -> None:
-        super().__init__(spec, num_classes, student_dim, teacher_dim)
-        self.needs_features = spec.beta > 0
-        self.connector = nn.Linear(student_dim, teacher_dim) if self.needs_features else None
+    class Options(MethodOptions):
+        beta: float = Field(0.5, ge=0, description="weight of the teacher-knowledge (embedding) term")
+
+    def __init__(self, spec: DistillSpec, num_classes: int, student: ModelShape, teacher: ModelShape) -> None:
+        super().__init__(spec, num_classes, student, teacher)
+        self.needs_features = self.options.beta > 0
+        self.connector = nn.Linear(self.student_dim, self.teacher_dim) if self.needs_features else None
 
     def loss(
         self, student: ModelOutputs, teacher: ModelOutputs | None, target: torch.Tensor, state: dict[str, Any]
     ) -> torch.Tensor:
         teacher = self._teacher(teacher)
-        alpha, beta = self.spec.alpha, self.spec.beta
+        alpha, beta = self.spec.alpha, self.options.beta
         total = alpha * soft_kl(student.logits, teacher.logits, self.spec.temperature)
-        total = total + (1 - alpha) * F.cross_entropy(student.logits, target)
+        total = total + (1 - alpha) * label_ce(student.logits, target)
         if self.connector is None:
             return total
         if student.features is None or teacher.features is None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs
+from edgekd.distill.methods.base import METHODS, DistillMethod, ModelOutputs, label_ce
 
 
 @METHODS.register("none", aliases=("ce", "supervised"))
@@ -15,8 +14,9 @@ class Supervised(DistillMethod):
     """Cross-entropy on the ground-truth labels, ``L = CE(s, y)``; no teacher is used or needed."""
 
     needs_teacher = False
+    supports_missing_labels = True
 
     def loss(
         self, student: ModelOutputs, teacher: ModelOutputs | None, target: torch.Tensor, state: dict[str, Any]
     ) -> torch.Tensor:
-        return F.cross_entropy(student.logits, target)
+        return label_ce(student.logits, target)
