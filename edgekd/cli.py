@@ -142,6 +142,35 @@ def targets() -> None:
     console.print(table)
 
 
+@app.command()
+def methods() -> None:
+    """List the distillation methods: paper, options with their defaults, and what each needs."""
+    from edgekd.distill.methods import METHODS
+
+    table = Table(
+        title="edgekd distillation methods (recipe: distill.method, distill.options.<method>.<option>)"
+    )
+    for column in ("method", "paper / loss", "options (default)", "needs"):
+        table.add_column(column, overflow="fold")
+    for name in METHODS.names():
+        method = METHODS.get(name)
+        options = ", ".join(f"{key}={info.default!r}" for key, info in method.Options.model_fields.items())
+        needs = [
+            label
+            for label, flag in (
+                ("teacher", method.needs_teacher),
+                ("feature maps (live teacher)", method.needs_feature_maps),
+                ("mixes inputs (live teacher)", method.mixes_inputs),
+                ("held-out slice", method.held_out_fraction > 0),
+                ("works with missing labels", method.supports_missing_labels),
+            )
+            if flag
+        ]
+        summary = " ".join((method.__doc__ or "").strip().split("\n\n")[0].split())
+        table.add_row(name, summary, options or "-", ", ".join(needs) or "labels only")
+    console.print(table)
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -110,9 +110,9 @@ def test_truncated_dataset_file(tmp_path: Path):
 
 def test_checkpoint_of_another_model(tmp_path: Path):
     import torch
-    from edgekd.models.checkpoint import save_checkpoint
 
     from edgekd.models import build_model
+    from edgekd.models.checkpoint import save_checkpoint
 
     checkpoint = tmp_path / "teacher.pt"
     save_checkpoint(checkpoint, build_model("edgekd:cnn", num_classes=11), "edgekd:cnn", {})
@@ -150,3 +150,30 @@ def test_unwritable_output_dir(tmp_path: Path):
 )
 def test_unknown_stage_names(args):
     assert_user_error(run_cli(*args), "no such stage")
+
+
+def test_methods_lists_every_method_with_its_options():
+    from edgekd.distill.methods import METHODS
+
+    result = run_cli("methods")
+    assert result.returncode == 0, result.stderr
+    for name in METHODS.names():
+        assert name in result.stdout, name
+    assert "beta=0.5" in result.stdout  # skd's option and default
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("distill.options.skd.gamma=1", ("distill.options.skd.gamma", "unknown option", "beta=0.5")),
+        ("distill.options.skd.beta=-1", ("distill.options.skd.beta", "greater than or equal to 0")),
+        ("distill.options.nosuchmethod.x=1", ("distillation method 'nosuchmethod'",)),
+    ],
+)
+def test_bad_method_options(override, fragments):
+    assert_user_error(run_cli("compress", "--set", override), *fragments)
+
+
+def test_label_fraction_needs_a_semi_supervised_method():
+    result = run_cli("compress", "--set", "distill.label_fraction=0.2", "--method", "skd")
+    assert_user_error(result, "distill.label_fraction=0.2", "'skd' needs every label", "dho")

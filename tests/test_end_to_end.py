@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_cli import EDGEKD, run_cli
@@ -81,6 +82,33 @@ def test_changing_the_method_retrains_only_the_student(small_run):
     assert result.returncode == 0, result.stderr
     assert "[teacher] cached" in result.stdout and "[distill] running" in result.stdout
     assert "teacher outputs reused from cache" in result.stdout
+
+
+def test_augmentation_bank_and_semi_supervised_run_through_the_cli(small_run):
+    """One teacher pass per (frame, variant) into a cache keyed by the bank; DHO with 30 % of the labels."""
+    run_dir, _ = small_run
+    runs = run_dir.parent
+    teacher = run_dir / "01-teacher" / "teacher.pt"
+    common = ["compress", "--until", "distill", "--set", f"runs_dir={runs}", *SMALL,
+              "--set", f"teacher.checkpoint={teacher}"]  # fmt: skip
+    aug = ["--set", "distill.augment.enabled=true", "--set", "distill.augment.variants=3", "--method", "kd"]
+    first = run_cli(*common, "--name", "aug", *aug)
+    assert first.returncode == 0, first.stderr
+    record = json.loads((runs / "aug" / "02-distill" / "stage.json").read_text())["outputs"]
+    assert record["augment"] == {"enabled": True, "variants": 3, "seed": 0}
+    assert record["teacher_cache"]["used"] and not record["teacher_cache"]["hit"]
+    cache = runs.parent / "cache" / "teacher" / record["teacher_cache"]["key"]
+    train_frames = round(11 * 20 * 6 * 0.75)
+    assert np.load(cache / "logits.npy", mmap_mode="r").shape == (3, train_frames, 11)
+    again = run_cli(*common, "--name", "aug-2", *aug[:-1], "skd")  # another method, the same bank
+    assert "teacher outputs reused from cache" in again.stdout, again.stdout
+    other_seed = run_cli(*common, "--name", "aug-3", *aug, "--set", "distill.augment.seed=5")
+    assert "teacher outputs computed into cache" in other_seed.stdout, other_seed.stdout
+
+    semi = run_cli(*common, "--name", "semi", "--method", "dho", "--set", "distill.label_fraction=0.3")
+    assert semi.returncode == 0, semi.stderr
+    record = json.loads((runs / "semi" / "02-distill" / "stage.json").read_text())["outputs"]
+    assert record["label_fraction"] == 0.3 and 0 <= record["val_accuracy_last"] <= 1
 
 
 def test_killed_distillation_resumes_from_its_checkpoint(tmp_path: Path):
