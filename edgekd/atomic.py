@@ -42,6 +42,23 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def write_torch(path: str | os.PathLike[str], obj: Any) -> None:
+    """``torch.save(obj)`` atomically, with bytes that depend only on ``obj``.
+
+    ``torch.save`` to a file names the archive's records after the file, so saving through a
+    temporary name would give different bytes (and hashes) for the same weights every time;
+    serialising to memory first keeps equal checkpoints byte-identical, which the teacher cache
+    and stage fingerprints rely on.
+    """
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

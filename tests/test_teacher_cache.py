@@ -138,3 +138,13 @@ def test_training_from_the_cache_equals_training_with_the_live_teacher(tmp_path)
         train(student, method, data, data, spec, 0, run_dir, "f", teacher, outputs, bank, log=lambda _: None)
         weights.append(student.head.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], atol=1e-5, rtol=1e-4)
+
+
+def test_equal_weights_give_byte_identical_checkpoints(tmp_path) -> None:
+    """The teacher cache is keyed by the checkpoint's hash, so saving must not depend on the file name."""
+    from edgekd.models.checkpoint import save_checkpoint
+
+    model = build_model("edgekd:kd-cnn", num_classes=3)
+    save_checkpoint(tmp_path / "a.pt", model, "edgekd:kd-cnn")
+    save_checkpoint(tmp_path / "sub" / "b.pt", model, "edgekd:kd-cnn")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "sub" / "b.pt").read_bytes()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd.atomic import atomic_path
+from edgekd.atomic import write_torch
 from edgekd.console import progress
 from edgekd.data.augment import IQAugmentationBank
 from edgekd.data.base import ArrayDataset
@@ -232,8 +232,7 @@ def _save_latest(
         "scheduler": scheduler.state_dict(),
         "history": result.history,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    write_torch(path, state)
 
 
 def _resume(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgekd.atomic import atomic_path
+from edgekd.atomic import write_torch
 from edgekd.errors import ModelError
 from edgekd.models.heads import build_head
 
@@ -47,8 +47,7 @@ def save_checkpoint(
     }
     if hasattr(model.head, "spec"):
         payload["head"] = model.head.spec()
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

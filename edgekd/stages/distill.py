@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from edgekd.data.augment import augmentation_bank
 from edgekd.data.base import hide_labels
 from edgekd.distill.methods import build_method, resolved_options
@@ -35,6 +37,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     teacher = build_model(teacher_name, num_classes=classes, in_channels=channels)
     load_weights(teacher, teacher_file, teacher_name)
     teacher.requires_grad_(False)
+    torch.manual_seed(recipe.seed)  # the student's and the method's initial weights follow the seed
     student = build_model(recipe.student.model, num_classes=classes, in_channels=channels)
     if recipe.student.checkpoint is not None:
         load_weights(student, recipe.student.checkpoint, recipe.student.model)

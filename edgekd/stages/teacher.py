@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from edgekd.distill.methods import ModelShape, build_method
 from edgekd.distill.trainer import predict_accuracy, train
 from edgekd.models import build_model
@@ -23,6 +25,7 @@ def _inputs(ctx: RunContext) -> list[Path]:
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     train_set, val_set, meta = ctx.dataset
     spec = ctx.recipe.teacher
+    torch.manual_seed(ctx.recipe.seed)  # initial weights follow the seed
     model = build_model(spec.model, num_classes=len(meta.classes), in_channels=meta.input_shape[0])
     history: list[dict[str, float]] = []
     if spec.checkpoint is not None:
