@@ -16,7 +16,7 @@ from edgekd.targets import resolve_target
 
 def preflight(recipe: Recipe) -> None:
     """Fail in seconds, before any training, on names that cannot resolve or a runtime that is missing."""
-    from edgekd.backends import get_backend
+    from edgekd.backends import BACKENDS, get_backend
     from edgekd.distill.methods import METHODS, parse_options
     from edgekd.models import model_factory
 
@@ -32,7 +32,13 @@ def preflight(recipe: Recipe) -> None:
             f"distill.label_fraction={recipe.distill.label_fraction}: method {recipe.distill.method!r} "
             f"needs every label; use one of {semi} or set distill.label_fraction: 1.0"
         )
-    get_backend(target.backend)
+    if BACKENDS.get(target.backend).builds_without_runtime:
+        # Builds on the device: without the runtime here the compile stage still writes the bundle.
+        from edgekd.stages.device_build import engine_options
+
+        engine_options(recipe, target)
+    else:
+        get_backend(target.backend)  # a missing runtime stops the run now, with its install hint
 
 
 def compress(
@@ -59,3 +65,42 @@ def compress(
             (ctx.run_dir / results["report"].outputs["report_file"]).read_text(encoding="utf-8")
         )
     return {name: result.outputs for name, result in results.items()}
+
+
+def finished_run(run_dir: Path, until: str) -> RunContext:
+    """The context of a finished run: its recipe (from report.json) and its stages' records up to ``until``.
+
+    Records are read as they are (no fingerprint check), so a command on a finished run never retrains.
+    """
+    from edgekd.pipeline import STAGE_FILE, StageResult, stage_dir_name
+    from edgekd.recipe import build_recipe
+
+    report_file = run_dir / "report.json"
+    if not report_file.is_file():
+        raise RecipeError(f"{run_dir} has no report.json; finish the run first with edgekd compress")
+    recipe = build_recipe(json.loads(report_file.read_text(encoding="utf-8"))["recipe"], str(report_file))
+    ctx = RunContext(recipe=recipe, run_dir=run_dir)
+    for index, stage in enumerate(PIPELINE[: STAGE_NAMES.index(until)], start=1):
+        record_file = run_dir / stage_dir_name(index, stage) / STAGE_FILE
+        if not record_file.is_file():
+            raise RecipeError(f"{run_dir}: stage {stage.name} has not finished ({record_file} is missing)")
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        ctx.results[stage.name] = StageResult(
+            stage.name, record["outputs"], record["fingerprint"], record["wall_s"], True, record_file
+        )
+    return ctx
+
+
+def bundle(run_dir: Path | str, target: str | None = None, precision: str | None = None) -> Path:
+    """Write the bundle of a finished run (see :mod:`edgekd.bundle.build`); returns its directory."""
+    from edgekd.bundle.build import write_bundle
+
+    ctx = finished_run(Path(run_dir), "bundle")
+    if target is not None and resolve_target(target).name != ctx.target.name:
+        raise RecipeError(
+            f"{run_dir} was compiled for target {ctx.target.name}, not {target}; "
+            f"run edgekd compress --target {target} for that one"
+        )
+    if precision is not None and precision not in ("fp32", "fp16", "int8"):
+        raise RecipeError(f"--artifact {precision!r}: expected fp32, fp16 or int8")
+    return write_bundle(ctx, precision)

@@ -57,15 +57,30 @@ def compress(
         Path | None, typer.Option(help="YAML recipe (default: recipes/radio-default.yaml)")
     ] = None,
     target: Annotated[str | None, typer.Option(help="target name or alias (see `edgekd targets`)")] = None,
-    name: Annotated[str | None, typer.Option(help="run name: outputs go to <runs_dir>/<name>")] = None,
-    data: Annotated[str | None, typer.Option(help="dataset: radio-synthetic, rml2016, rml2018")] = None,
-    data_path: Annotated[Path | None, typer.Option(help="dataset file for rml2016/rml2018")] = None,
-    teacher: Annotated[str | None, typer.Option(help="teacher model, e.g. edgekd:clst")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="run name: outputs go to <runs_dir>/<name> (default: the recipe's, or --data's value)"
+        ),
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="dataset: radio-synthetic, rml2016, rml2018, digits, imagefolder")
+    ] = None,
+    data_path: Annotated[
+        Path | None, typer.Option(help="dataset file (rml2016/rml2018) or directory (imagefolder)")
+    ] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="teacher model, e.g. edgekd:clst or timm:resnet18")
+    ] = None,
     teacher_checkpoint: Annotated[
         Path | None, typer.Option(help="trained teacher weights (skip training)")
     ] = None,
-    student: Annotated[str | None, typer.Option(help="student model, e.g. edgekd:kd-cnn")] = None,
-    method: Annotated[str | None, typer.Option(help="distillation method: none, kd, skd")] = None,
+    student: Annotated[
+        str | None, typer.Option(help="student model, e.g. edgekd:kd-cnn or timm:mobilenetv3_small_100")
+    ] = None,
+    method: Annotated[
+        str | None, typer.Option(help="distillation method (`edgekd methods` lists them all)")
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(help="epochs for both teacher training and distillation")
     ] = None,
@@ -77,9 +92,17 @@ def compress(
         list[str] | None, typer.Option(help="rerun this stage even if cached ('all' for every one)")
     ] = None,
     until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="also profile on this device over SSH: user@host[:port]")
+    ] = None,
+    known_hosts: Annotated[
+        Path | None, typer.Option(help="known_hosts file the device's host key is checked against")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and exit")] = False,
 ) -> None:
-    """Run the whole pipeline for one target: distil, export, quantise, compile, profile, report."""
+    """Run the whole pipeline for one target: distil, export, quantise, compile, bundle, profile, report."""
+    if name is None and data is not None and recipe is None:
+        name = data  # another dataset gets its own run directory rather than the default recipe's
     flags = {
         "target": target,
         "name": name,
@@ -92,6 +115,8 @@ def compress(
         "teacher.train.epochs": epochs,
         "distill.train.epochs": epochs,
         "seed": seed,
+        "device.host": device,
+        "device.known_hosts": known_hosts,
     }
     resolved = load_recipe(recipe, _overrides(flags, set_ or []))
     if dry_run:
@@ -111,35 +136,97 @@ def compress(
         table.add_row(*row)
     console.print(table)
     console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report["headline"].items()))
+    for item in report.get("not_measured", []):
+        console.print(f"not measured: {item['name']}: {item['why']}")
     console.print(f"report: {resolved.run_dir / 'report.md'}  {resolved.run_dir / 'report.json'}")
+
+
+def _hardware(target: Any) -> str:
+    """One short line: GPU/DLA or CPU, memory and dense peak INT8 throughput where known."""
+    from edgekd.report.hardware import hardware_line
+
+    return hardware_line(target.to_dict())
 
 
 @app.command()
 def targets() -> None:
-    """List the deployment targets and whether each can run on this host (and why not)."""
+    """List the deployment targets, their hardware, and whether each runs on this host (and why not)."""
     from edgekd.backends import BACKENDS
     from edgekd.targets import load_targets
 
     table = Table(title="edgekd targets")
-    for column in ("target", "aliases", "backend", "precisions", "arch", "available here"):
+    for column in ("target", "aliases", "backend", "precisions", "arch", "hardware", "available here"):
         table.add_column(column)
+    reasons = []
     for target in load_targets().values():
-        ok, why = (
-            BACKENDS.get(target.backend)().available()
-            if target.backend in BACKENDS
-            else (False, "no backend")
-        )
-        if ok and not target.matches_host():
-            ok, why = False, f"host is not {target.arch}"
+        problems = target.host_problems()
+        backend = BACKENDS.get(target.backend)
+        if not problems:
+            status = "yes"
+        elif backend().available()[0]:
+            status = "runs, but on this host's arch"
+        elif backend.builds_without_runtime:
+            status = "no: bundle + build script only"
+        else:
+            status = "no"
+        if problems:
+            reasons.append(f"{target.name}: " + "; ".join(problems))
         table.add_row(
             target.name,
             ", ".join(target.aliases),
             target.backend,
             ", ".join(target.precisions),
-            target.arch,
-            "yes" if ok else f"no: {why}",
+            target.arch or "any",
+            _hardware(target),
+            status,
         )
     console.print(table)
+    for line in reasons:
+        console.print(f"why not here: {line}", markup=False, overflow="ignore", crop=False)
+
+
+@app.command()
+def benchmark(
+    targets: Annotated[
+        str, typer.Option(help="comma-separated targets or aliases, e.g. x86-ort,x86-openvino,jetson")
+    ],
+    recipe: Annotated[
+        Path | None, typer.Option(help="YAML recipe (default: recipes/radio-default.yaml)")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="run name: each target runs as <runs_dir>/<name>-<target>")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="FIELD=VALUE recipe override (repeatable)")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="also profile every target's bundle on this device: user@host[:port]")
+    ] = None,
+    known_hosts: Annotated[
+        Path | None, typer.Option(help="known_hosts file the device's host key is checked against")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="where the comparison goes (default: <runs_dir>/<name>-benchmark)")
+    ] = None,
+) -> None:
+    """Compress one student for several targets and compare them: report.html, report.md, report.json."""
+    from edgekd.hardware import benchmark as run_benchmark
+    from edgekd.report.hardware import MEASUREMENT_HEADER, measurement_rows
+
+    flags = {"name": name, "device.host": device, "device.known_hosts": known_hosts}
+    comparison = run_benchmark(targets, recipe, _overrides(flags, set_ or []), out=out, log=log)
+    table = Table(title=f"edgekd benchmark · {comparison['run']}")
+    for column in MEASUREMENT_HEADER:
+        table.add_column(column, justify="left" if column in ("target", "model / artifact") else "right")
+    for row in measurement_rows(comparison):
+        table.add_row(*row)
+    console.print(table)
+    for target in comparison["targets"]:
+        if target["status"] != "measured":
+            console.print(
+                f"{target['name']}: {target['status']}: {target['why'] or '; '.join(target['host_problems'])}"
+            )
+    console.print(f"report: {comparison['out']}/report.html  report.md  report.json")
 
 
 @app.command()
@@ -168,6 +255,36 @@ def methods() -> None:
         ]
         summary = " ".join((method.__doc__ or "").strip().split("\n\n")[0].split())
         table.add_row(name, summary, options or "-", ", ".join(needs) or "labels only")
+    console.print(table)
+
+
+@app.command()
+def bundle(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory, e.g. models/runs/radio-default")],
+    target: Annotated[str | None, typer.Option(help="target the run was compiled for (checked)")] = None,
+    artifact: Annotated[
+        str | None, typer.Option(help="precision whose artifact becomes model_data.c (fp32, fp16, int8)")
+    ] = None,
+) -> None:
+    """Write RUN_DIR/bundle/<target>/: artifacts, manifest.json, model_data.h/.c, eval.npz, SHA256SUMS."""
+    from edgekd.api import bundle as write
+
+    directory = write(run_dir, target=target, precision=artifact)
+    console.print(f"bundle: {directory}")
+
+
+@app.command("verify-bundle")
+def verify_bundle(
+    bundle_dir: Annotated[Path, typer.Argument(help="a bundle directory, e.g. models/runs/x/bundle/x86-ort")],
+) -> None:
+    """Check every checksum, the C array against its artifact, and load and run each artifact."""
+    from edgekd.bundle.verify import verify_bundle as verify
+
+    table = Table(title=f"edgekd bundle {bundle_dir}: ok")
+    table.add_column("check")
+    table.add_column("result")
+    for check, outcome in verify(bundle_dir):
+        table.add_row(check, outcome)
     console.print(table)
 
 

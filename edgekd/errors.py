@@ -36,5 +36,9 @@ class DeviceError(EdgekdError):
     """A remote device is unreachable or a command on it failed."""
 
 
+class BundleError(EdgekdError):
+    """A deployable bundle is incomplete, or one of its files does not match its checksum."""
+
+
 class OutputError(EdgekdError):
     """An output directory cannot be created or written."""

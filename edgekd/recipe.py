@@ -26,15 +26,21 @@ class DataSpec(Section):
     """Which dataset and how much of it."""
 
     name: str = Field(
-        "radio-synthetic", description="dataset registry name: radio-synthetic, rml2016, rml2018"
+        "radio-synthetic",
+        description="dataset registry name: radio-synthetic, rml2016, rml2018, digits, imagefolder",
     )
-    path: Path | None = Field(None, description="file for rml2016 (.pkl) / rml2018 (.hdf5)")
+    path: Path | None = Field(
+        None, description="file for rml2016 (.pkl) / rml2018 (.hdf5); directory for imagefolder"
+    )
     frames_per_class_snr: int = Field(40, ge=1, description="synthetic frames per (modulation, SNR) pair")
     snr_min: int = Field(-20, ge=-40, le=40, description="lowest SNR in dB kept")
     snr_max: int = Field(18, ge=-40, le=40, description="highest SNR in dB kept")
     frame_length: int = Field(128, ge=16, description="IQ samples per frame")
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share for evaluation")
     max_frames: int | None = Field(None, ge=1, description="cap on frames read from a file dataset")
+    image_size: int = Field(
+        32, ge=8, le=1024, description="image datasets: side in pixels images are resized to"
+    )
 
 
 class TrainSpec(Section):
@@ -47,14 +53,20 @@ class TrainSpec(Section):
 
 
 class TeacherSpec(Section):
-    model: str = Field("edgekd:clst", description="teacher architecture, edgekd:<name>")
-    checkpoint: Path | None = Field(None, description="trained teacher weights; trained here when absent")
+    model: str = Field("edgekd:clst", description="teacher architecture, edgekd:<name> or timm:<name>")
+    checkpoint: Path | None = Field(
+        None, description="trained teacher weights (.pt, .safetensors); trained here when absent"
+    )
+    pretrained: bool = Field(False, description="timm models: start from the hub's pretrained weights")
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=15))
 
 
 class StudentSpec(Section):
-    model: str = Field("edgekd:kd-cnn", description="edgekd:kd-cnn, edgekd:kd-mobilenet, edgekd:cnn")
-    checkpoint: Path | None = Field(None, description="initial student weights (optional)")
+    model: str = Field(
+        "edgekd:kd-cnn", description="edgekd:kd-cnn, edgekd:kd-mobilenet, edgekd:cnn or timm:<name>"
+    )
+    checkpoint: Path | None = Field(None, description="initial student weights (.pt, .safetensors; optional)")
+    pretrained: bool = Field(False, description="timm models: start from the hub's pretrained weights")
 
 
 class AugmentSpec(Section):
@@ -96,6 +108,30 @@ class QuantizeSpec(Section):
     per_channel: bool = True
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     min_calibration_samples: int = Field(16, ge=1)
+    max_accuracy_drop: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="accuracy-aware INT8: largest absolute top-1 drop allowed (e.g. 0.01); "
+        "layers are kept in float until within it; unset: quantise everything",
+    )
+    accuracy_samples: int = Field(
+        500, ge=1, description="train frames (never calibration frames) the INT8 drop is measured on"
+    )
+
+
+class CompileSpec(Section):
+    """Engine build options of backends that compile on the device (TensorRT)."""
+
+    max_batch: int = Field(
+        8,
+        ge=1,
+        description="TensorRT: largest batch of the engine's optimisation profile (min 1, "
+        "opt profile.batch_size)",
+    )
+    dla_core: int | None = Field(
+        None, ge=0, description="TensorRT: build for this DLA core (GPU fallback on); null = the GPU"
+    )
 
 
 class ProfileSpec(Section):
@@ -104,6 +140,35 @@ class ProfileSpec(Section):
     batch_size: int = Field(1, ge=1)
     threads: int | None = Field(None, ge=1, description="intra-op threads; default: all cores")
     eval_samples: int | None = Field(None, ge=1, description="cap on held-out frames evaluated")
+    openvino_hint: Literal["latency", "throughput"] = Field(
+        "latency", description="OpenVINO performance hint the artifacts are compiled with"
+    )
+
+
+class BundleSpec(Section):
+    """The deployable bundle written to ``<run>/bundle/<target>/`` (``edgekd bundle``)."""
+
+    artifact: Literal["fp32", "fp16", "int8"] | None = Field(
+        None, description="precision whose artifact becomes model_data.c; default int8 if built, else fp32"
+    )
+    eval_samples: int = Field(
+        1000, ge=0, description="held-out frames shipped as eval.npz for on-device accuracy; 0: none"
+    )
+
+
+class DeviceSpec(Section):
+    """A remote device the bundle is profiled on over SSH (OpenSSH, key auth, host key checked)."""
+
+    host: str | None = Field(
+        None, description="user@host[:port] to profile on over SSH; default: the target's device, if any"
+    )
+    known_hosts: Path | None = Field(
+        None, description="known_hosts file the device's host key is checked against (default: the user's)"
+    )
+    identity_file: Path | None = Field(None, description="SSH private key (default: ssh's own choice)")
+    remote_python: str = Field("python3", description="python on the device (with numpy and the runtime)")
+    connect_timeout_s: int = Field(10, ge=1, le=300, description="SSH ConnectTimeout")
+    timeout_s: int = Field(1800, ge=10, description="limit for the whole remote profiling run")
 
 
 class Recipe(Section):
@@ -119,7 +184,10 @@ class Recipe(Section):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    compile: CompileSpec = Field(default_factory=CompileSpec)
     profile: ProfileSpec = Field(default_factory=ProfileSpec)
+    bundle: BundleSpec = Field(default_factory=BundleSpec)
+    device: DeviceSpec = Field(default_factory=DeviceSpec)
 
     @property
     def run_dir(self) -> Path:

@@ -58,7 +58,16 @@ def test_report_has_every_row_with_real_numbers(small_run):
     assert 0 <= int8_onnx["accuracy"]["agreement"] <= 1
     assert report["headline"]["int8_agreement_with_pytorch"] == int8_onnx["accuracy"]["agreement"]
     assert student["accuracy"]["agreement"] is None
-    assert set(report["stages"]) == {"teacher", "distill", "export", "quantize", "compile", "profile"}
+    assert set(report["stages"]) == {
+        "teacher",
+        "distill",
+        "export",
+        "quantize",
+        "compile",
+        "bundle",
+        "profile",
+        "remote",
+    }
     markdown = (run_dir / "report.md").read_text()
     assert "Accuracy per SNR" in markdown and "student (onnxruntime INT8)" in markdown
     assert "student (onnxruntime INT8)" in result.stdout  # the terminal summary table

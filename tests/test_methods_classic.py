@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from edgekd.distill.methods import METHODS, DistillMethod, ModelOutputs, ModelShape, build_method
 from edgekd.distill.methods.dkd import dkd_parts
+from edgekd.distill.methods.hint_maps import resample
 from edgekd.distill.methods.relational import angle_potential, distance_potential
 from edgekd.distill.outputs import model_outputs, probe_shape
 from edgekd.errors import RecipeError
@@ -403,3 +404,64 @@ def test_method_on_the_real_student_and_teacher(name: str, student_name: str) ->
     assert all(p.grad is None for p in teacher_model.parameters())
     for parameter in method.parameters():
         assert parameter.grad is not None
+
+
+# ------------------------------------------------------------------------------------------ 2-D maps
+
+
+def test_resample_pools_and_interpolates_each_spatial_axis() -> None:
+    feature_map = torch.arange(8.0).reshape(1, 1, 4, 2)  # rows [0,1], [2,3], [4,5], [6,7]
+    pooled = resample(feature_map, (2, 2))
+    torch.testing.assert_close(pooled, torch.tensor([[[[1.0, 2.0], [5.0, 6.0]]]]))
+    mixed = resample(feature_map, (2, 4))  # H pooled 4 -> 2, then W interpolated 2 -> 4
+    expected = F.interpolate(pooled, size=(2, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(mixed, expected)
+    assert resample(feature_map, (4, 2)) is feature_map
+
+
+def test_fitnets_on_2d_maps_uses_conv2d_and_pools_the_student() -> None:
+    method = _method(
+        "fitnets",
+        ModelShape(4, ((1, 4, 4),)),
+        ModelShape(4, ((1, 2, 2),)),
+        hint_layer="last",
+        hint_weight=1.0,
+    )
+    assert isinstance(method.regressor[0], torch.nn.Conv2d)
+    assert isinstance(method.regressor[1], torch.nn.BatchNorm2d)
+    with torch.no_grad():  # identity regressor: centre tap 1, no bias
+        method.regressor[0].weight.zero_()
+        method.regressor[0].bias.zero_()
+        method.regressor[0].weight[0, 0, 1, 1] = 1.0
+    method.eval()
+    student_map = torch.arange(16.0).reshape(1, 1, 4, 4)  # 2x2 average pool: 2.5, 4.5, 10.5, 12.5
+    teacher_map = torch.zeros(1, 1, 2, 2)
+    hand = (2.5**2 + 4.5**2 + 10.5**2 + 12.5**2) / 4 / (1 + 1e-5)
+    assert method.hint_loss(student_map, teacher_map).item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_at_on_2d_maps_vanishes_for_identical_maps_and_ignores_scale() -> None:
+    torch.manual_seed(7)
+    shape = ModelShape(4, ((3, 8, 8), (4, 4, 4)))
+    method = _method("at", shape, ModelShape(4, ((5, 4, 4), (6, 2, 2))))
+    maps = [torch.randn(2, 3, 8, 8), torch.randn(2, 4, 4, 4)]
+    assert method.attention_loss(maps, [3.0 * m for m in maps]).item() == pytest.approx(0.0, abs=1e-6)
+    teacher_maps = [torch.randn(2, 5, 4, 4), torch.randn(2, 6, 2, 2)]
+    assert method.attention_loss(maps, teacher_maps).item() > 0
+
+
+def test_mgd_on_2d_maps_masks_whole_channels_and_trains_its_parts() -> None:
+    torch.manual_seed(8)
+    method = _method("mgd", ModelShape(4, ((3, 8, 8),)), ModelShape(4, ((6, 4, 4),)))
+    assert isinstance(method.align, torch.nn.Conv2d) and isinstance(method.generator[0], torch.nn.Conv2d)
+    student_map = torch.randn(2, 3, 8, 8, requires_grad=True)
+    teacher_map = torch.randn(2, 6, 4, 4)
+    method.generation_loss(student_map, teacher_map).backward()
+    assert student_map.grad is not None
+    for parameter in method.parameters():
+        assert parameter.grad is not None and float(parameter.grad.abs().sum()) > 0
+
+
+def test_feature_map_methods_reject_maps_of_different_ranks() -> None:
+    with pytest.raises(RecipeError, match="the same for both models"):
+        _method("fitnets", ModelShape(4, ((3, 8),)), ModelShape(4, ((3, 4, 4),)))

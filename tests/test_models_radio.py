@@ -105,8 +105,8 @@ def test_onnx_export_matches_onnxruntime(name: str, tmp_path: Path) -> None:
 def test_unknown_model_name_suggests_a_close_one() -> None:
     with pytest.raises(ModelError, match=r"did you mean 'edgekd:kd-cnn'.*known: .*edgekd:clst"):
         build_model("edgekd:kd-cn", 11)
-    with pytest.raises(ModelError, match="timm models are not supported yet"):
-        build_model("timm:resnet18", 11)
+    with pytest.raises(ModelError, match=r"takes images \(C, H, W\), but the dataset gives .*\(2, 128\)"):
+        build_model("timm:resnet18", 11, input_shape=(2, 128))  # timm models are for images
     with pytest.raises(ModelError, match="num_classes"):
         build_model("edgekd:cnn", 0)
     assert MODELS.names() == sorted(NAMES)

@@ -15,6 +15,8 @@ from torch import nn
 from edgekd.errors import QuantizeError
 from edgekd.export import export_onnx
 from edgekd.quantize import CalibrationSet, quantize_static_int8
+from edgekd.quantize.budget import AccuracyBudget
+from edgekd.quantize.ort_accuracy import quantize_within_budget, rank_sensitive_nodes
 
 CLASSES = 4
 INPUT_SHAPE = (2, 128)
@@ -263,3 +265,60 @@ def test_reader_batches() -> None:
     assert sizes == [32, 32, 6] and reader.samples_yielded == 70 and reader.get_next() is None
     dropping = calib.reader("input", batch_size=32, drop_last=True)
     assert [len(b["input"]) for b in dropping] == [32, 32] and dropping.samples_yielded == 64
+
+
+def budget_frames(max_drop: float) -> AccuracyBudget:
+    x, y = tones(200, seed=4)
+    return AccuracyBudget(max_drop, x, y, {"split": "tones-seed4"})
+
+
+def test_accuracy_budget_met_at_once(fp32_model, calib, tmp_path) -> None:
+    out = tmp_path / "budget.onnx"
+    info = quantize_within_budget(fp32_model, out, calib, budget_frames(0.5))
+    control = info["accuracy_control"]
+    assert control["met"] and control["attempts"] == 1 and control["excluded_nodes"] == []
+    assert control["stopped"] == "within budget" and control["budget"]["frames"] == 200
+    assert control["drop_after"] == control["drop_before"] <= 0.5
+    assert info["nodes_excluded"] == [] and info["nodes_quantized"] > 0
+
+
+def test_accuracy_budget_keeps_sensitive_nodes_in_float(fp32_model, tmp_path) -> None:
+    x, _ = tones(128, seed=5)
+    # Calibrating on frames 50x too weak clips every activation range: a real, large INT8 drop.
+    weak = CalibrationSet(0.02 * x, "tones-weak", "scaled by 0.02", requested=128, min_samples=16)
+    budget = budget_frames(0.0)
+    out = tmp_path / "budget.onnx"
+    info = quantize_within_budget(fp32_model, out, weak, budget)
+    control = info["accuracy_control"]
+    assert control["drop_before"] > 0.2  # the weak calibration really hurt
+    assert control["attempts"] == len(control["history"]) >= 2 and control["ranked_nodes"] >= 1
+    assert (
+        control["excluded_nodes"]
+        == info["nodes_excluded"]
+        == [r["node"] for r in control["ranking"]][: len(control["excluded_nodes"])]
+    )
+    assert [h["excluded"] for h in control["history"]][:3] == [0, 1, 2][: len(control["history"])]
+    measured = (predict(out, budget.x) == budget.y).mean()  # the file on disk is the last attempt
+    assert control["int8_accuracy"] == pytest.approx(measured)
+    assert control["drop_after"] == pytest.approx(control["fp32_accuracy"] - measured, abs=1e-6)
+    assert control["drop_after"] < control["drop_before"]
+    assert control["met"] == (control["drop_after"] <= 0.0)
+    if not control["met"]:
+        assert len(control["excluded_nodes"]) == control["ranked_nodes"]
+        assert control["stopped"].startswith("every ranked node is in float")
+
+
+def test_sensitivity_ranking_names_real_nodes(fp32_model, asymmetric) -> None:
+    path, _ = asymmetric
+    names = {node.name for node in onnx.load(str(fp32_model)).graph.node}
+    x, _ = tones(16, seed=6)
+    ranking = rank_sensitive_nodes(fp32_model, path, x, names)
+    assert ranking and all(item["node"] in names for item in ranking)
+    scores = [item["sqnr_lost_db"] for item in ranking]
+    assert scores == sorted(scores, reverse=True)
+    assert {item["op"] for item in ranking} & {"Conv", "Gemm", "MatMul"}
+
+
+def test_budget_out_of_range() -> None:
+    with pytest.raises(QuantizeError, match="max_accuracy_drop must be between 0 and 1"):
+        budget_frames(1.5)

@@ -64,6 +64,14 @@ class Backend(ABC):
     name: ClassVar[str]
     install: ClassVar[str]  # how to get the runtime, shown when it is missing
     precisions: ClassVar[tuple[str, ...]]
+    # True when compile() builds INT8 itself from the float model (and then accepts ``budget``, an
+    # AccuracyBudget); False when it compiles a QDQ model made by the quantize stage.
+    quantizes_itself: ClassVar[bool] = False
+    # Performance hints load() accepts as ``hint=`` (e.g. OpenVINO's latency/throughput); empty: none.
+    hints: ClassVar[tuple[str, ...]] = ()
+    # True when, without its runtime or device here, the compile stage still writes what the device
+    # needs to build the artifacts itself (e.g. TensorRT: the ONNX files and build_engine.sh).
+    builds_without_runtime: ClassVar[bool] = False
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:
@@ -78,6 +86,20 @@ class Backend(ABC):
     @abstractmethod
     def load(self, artifact: Artifact, threads: int | None = None) -> Runner:
         """Load ``artifact`` for inference with ``threads`` intra-op threads (default: all usable cores)."""
+
+    def layer_times(
+        self,
+        artifact: Artifact,
+        batch: np.ndarray,
+        runs: int,
+        warmup: int = 0,
+        threads: int | None = None,
+        **options: Any,
+    ) -> dict[str, Any] | None:
+        """Time per node over ``runs`` inferences of ``batch`` after ``warmup`` untimed ones, from the
+        runtime's own profiler (:func:`edgekd.profile.layers.summarize_layers`); None where the runtime
+        exposes no per-layer times. ``options`` are those of :meth:`load` (e.g. ``hint``)."""
+        return None
 
     def check_precision(self, precision: str) -> None:
         """Raise a one-line RecipeError when this backend cannot build ``precision``."""

@@ -6,7 +6,10 @@ onnxruntime, so this module also serves on a device without torch.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,10 +20,13 @@ from edgekd.backends import BACKENDS
 from edgekd.backends.base import PRECISIONS, Artifact, Backend, resolve_threads
 from edgekd.errors import ExportError, ModelError, QuantizeError, RecipeError
 from edgekd.hashing import sha256_file
+from edgekd.profile.layers import summarize_layers
 
 if TYPE_CHECKING:
     from edgekd.quantize.calibration import CalibrationSet
 
+_KERNEL = "_kernel_time"  # suffix of a node's kernel event in ONNX Runtime's trace
+_FUSION_SUFFIX = re.compile(r"_token_\d+$")  # added to nodes rewritten by QDQ fusion
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
@@ -103,24 +109,8 @@ class OnnxRuntimeBackend(Backend):
     def load(self, artifact: Artifact, threads: int | None = None) -> OrtRunner:
         import onnxruntime as ort
 
-        if artifact.backend != self.name:
-            raise RecipeError(
-                f"artifact {artifact.path} was built for backend {artifact.backend!r}, not {self.name!r}"
-            )
-        if not artifact.path.is_file():
-            raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
         count = resolve_threads(threads)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = count
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: warnings would interleave with progress output
-        try:
-            session = ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            first = next((line for line in str(exc).splitlines() if line.strip()), "")
-            raise ModelError(f"onnxruntime cannot load {artifact.path}: {first}") from exc
+        session = self._session(artifact, count)
         info = {
             "backend": self.name,
             "artifact": str(artifact.path),
@@ -133,3 +123,69 @@ class OnnxRuntimeBackend(Backend):
             "version": ort.__version__,
         }
         return OrtRunner(session, info)
+
+    def _session(self, artifact: Artifact, threads: int, profile_prefix: Path | None = None) -> Any:
+        """An InferenceSession with edgekd's settings; with ``profile_prefix``, ONNX Runtime's profiler on."""
+        import onnxruntime as ort
+
+        if artifact.backend != self.name:
+            raise RecipeError(
+                f"artifact {artifact.path} was built for backend {artifact.backend!r}, not {self.name!r}"
+            )
+        if not artifact.path.is_file():
+            raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # errors only: warnings would interleave with progress output
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile_prefix)
+        try:
+            return ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            raise ModelError(f"onnxruntime cannot load {artifact.path}: {first}") from exc
+
+    def layer_times(
+        self,
+        artifact: Artifact,
+        batch: np.ndarray,
+        runs: int,
+        warmup: int = 0,
+        threads: int | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """ONNX Runtime's profiler trace: kernel time per node of the optimised graph, warm-up runs excluded.
+
+        Node names are those of the graph ONNX Runtime executes: a fused node is ``fused <first node>``
+        and a node rewritten by QDQ fusion ``<node>_token_<n>``; ``model_node`` maps both back to the
+        artifact's node name (None for nodes the optimiser inserted, e.g. layout Transposes).
+        """
+        import onnx
+
+        with tempfile.TemporaryDirectory(prefix="edgekd-ort-profile-") as workdir:
+            session = self._session(artifact, resolve_threads(threads), Path(workdir) / "trace")
+            runner = OrtRunner(session, {"artifact": str(artifact.path)})
+            for _ in range(warmup + runs):
+                runner.run(batch)
+            with open(session.end_profiling(), encoding="utf-8") as handle:
+                events = json.load(handle)
+        starts = sorted(event["ts"] for event in events if event.get("name") == "model_run")
+        first_timed = starts[warmup] if len(starts) > warmup else 0
+        times: dict[str, tuple[str, list[float]]] = {}
+        for event in events:
+            if event.get("cat") != "Node" or not event["name"].endswith(_KERNEL) or event["ts"] < first_timed:
+                continue
+            name = event["name"][: -len(_KERNEL)]
+            times.setdefault(name, (event.get("args", {}).get("op_name", ""), []))[1].append(
+                event["dur"] / 1e3
+            )
+        summary = summarize_layers(times, runs, f"onnxruntime {session.get_providers()[0]} profiler")
+        graph = {node.name for node in onnx.load(str(artifact.path), load_external_data=False).graph.node}
+        for layer in summary["top"]:
+            original = _FUSION_SUFFIX.sub("", layer["name"].removeprefix("fused "))
+            layer["model_node"] = original if original in graph else None
+        return summary

@@ -1,10 +1,16 @@
 """Datasets: a registry of sources, each giving (train, val, meta) from a recipe's ``data`` section.
 
 Built in: ``radio-synthetic`` (default, no download), ``rml2016`` / ``rml2016.10a`` and
-``rml2018`` / ``rml2018.01a`` (see :mod:`edgekd.data.radio`).
+``rml2018`` / ``rml2018.01a`` (see :mod:`edgekd.data.radio`); ``digits`` (scikit-learn's, no
+download) and ``imagefolder`` (see :mod:`edgekd.data.vision`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
 
 from edgekd.data.base import (
     DATASETS,
@@ -15,6 +21,7 @@ from edgekd.data.base import (
     stratified_split,
 )
 from edgekd.data.radio import MODULATIONS, RML2018_CLASSES, SNR_LEVELS, synthesize
+from edgekd.data.vision import IMAGE_NORMALISATION, denormalise_images, normalise_images
 from edgekd.recipe import DataSpec
 
 __all__ = [
@@ -27,6 +34,8 @@ __all__ = [
     "DatasetMeta",
     "build_dataset",
     "normalise_frames",
+    "normalise_images",
+    "raw_and_preprocess",
     "synthesize",
 ]
 
@@ -34,10 +43,27 @@ __all__ = [
 def build_dataset(spec: DataSpec, seed: int) -> tuple[ArrayDataset, ArrayDataset, DatasetMeta]:
     """(train, val, meta) for ``spec``: the source named ``spec.name``, split by (class, SNR).
 
-    ``spec.val_fraction`` of the frames is held out, stratified and deterministic from ``seed``.
-    An unknown name raises :class:`~edgekd.errors.RecipeError` listing the known ones; a missing or
-    malformed file raises :class:`~edgekd.errors.DataError`.
+    ``spec.val_fraction`` of the frames is held out, stratified and deterministic from ``seed``,
+    unless the source comes with its own split. An unknown name raises
+    :class:`~edgekd.errors.RecipeError` listing the known ones; a missing or malformed file raises
+    :class:`~edgekd.errors.DataError`.
     """
     data, meta = DATASETS.get(spec.name)(spec, seed)
+    if isinstance(data, tuple):  # the source's own (train, val) split
+        return data[0], data[1], meta
     train, val = stratified_split(data, spec.val_fraction, seed, meta.source)
     return train, val, meta
+
+
+def raw_and_preprocess(
+    meta: DatasetMeta, x: np.ndarray
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Raw inputs and the numpy preprocessing that turns them into the model inputs ``x``.
+
+    What end-to-end latency times: images in [0, 1] and their mean/std normalisation, or IQ frames
+    and their per-frame power normalisation (idempotent, so the frames are their own raw form).
+    """
+    if meta.normalisation.get("type") == IMAGE_NORMALISATION:
+        mean, std = tuple(meta.normalisation["mean"]), tuple(meta.normalisation["std"])
+        return denormalise_images(x, mean, std), partial(normalise_images, mean=mean, std=std)
+    return x, normalise_frames

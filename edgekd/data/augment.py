@@ -46,10 +46,51 @@ class IQAugmentationBank:
         return torch.stack((i * cos - q * sin, i * sin + q * cos), dim=1)
 
 
-def augmentation_bank(meta: DatasetMeta, samples: int, variants: int, seed: int) -> IQAugmentationBank:
+class ImageAugmentationBank:
+    """Label-preserving views of images (C, H, W): a translation and, optionally, a horizontal flip.
+
+    Each variant shifts the image by (dy, dx) pixels, each drawn uniformly from [-pad, pad]: the
+    usual pad-and-random-crop, with the border filled by repeating the edge pixels (so a digit's
+    uniform background stays uniform, and no colour foreign to the image enters). With ``flip``,
+    half the variants are also mirrored left-right; leave it off where a mirrored input is another
+    class (digits, text).
+    """
+
+    def __init__(self, samples: int, variants: int, seed: int, pad: int, flip: bool) -> None:
+        if variants < 1:
+            raise ValueError(f"variants must be >= 1, got {variants}")
+        rng = np.random.default_rng([seed, samples, variants, pad, int(flip)])
+        self.variants = variants
+        self.shift = rng.integers(-pad, pad + 1, size=(variants, samples, 2))
+        self.flip = (rng.random((variants, samples)) < 0.5) & flip
+        self.shift[0] = 0
+        self.flip[0] = False
+
+    def apply(self, x: torch.Tensor, indices: np.ndarray, variants: np.ndarray) -> torch.Tensor:
+        """Variant ``variants[j]`` of sample ``indices[j]`` for image ``x[j]`` of a batch (B, C, H, W)."""
+        shift = torch.from_numpy(self.shift[variants, indices])
+        flip = torch.from_numpy(self.flip[variants, indices])
+        height, width = x.shape[-2:]
+        rows = (torch.arange(height).unsqueeze(0) - shift[:, :1]).clamp(0, height - 1)  # (B, H)
+        cols = (torch.arange(width).unsqueeze(0) - shift[:, 1:]).clamp(0, width - 1)  # (B, W)
+        cols = torch.where(flip.unsqueeze(1), width - 1 - cols, cols)
+        batch = torch.arange(len(x))[:, None, None]
+        picked = x[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C): advanced axes first
+        return picked.permute(0, 3, 1, 2).contiguous()
+
+
+AugmentationBank = IQAugmentationBank | ImageAugmentationBank
+IMAGE_PAD_FRACTION = 8  # images shift by up to side // 8 pixels (4 at 32x32, as in CIFAR training)
+
+
+def augmentation_bank(meta: DatasetMeta, samples: int, variants: int, seed: int) -> AugmentationBank:
     """The bank for ``meta``'s kind of input; a DataError for inputs that have none yet."""
-    if len(meta.input_shape) == 2 and meta.input_shape[0] == 2:
-        return IQAugmentationBank(samples, variants, seed, meta.input_shape[1])
+    shape = meta.input_shape
+    if len(shape) == 2 and shape[0] == 2:
+        return IQAugmentationBank(samples, variants, seed, shape[1])
+    if len(shape) == 3:
+        pad = max(1, min(shape[1:]) // IMAGE_PAD_FRACTION)
+        return ImageAugmentationBank(samples, variants, seed, pad, flip=meta.mirror_invariant)
     raise DataError(
         f"dataset {meta.name!r}: no augmentation bank for inputs of shape {meta.input_shape}; "
         "set distill.augment.enabled: false"

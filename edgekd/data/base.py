@@ -2,7 +2,8 @@
 
 Every dataset source returns one :class:`ArrayDataset` (all kept frames, already normalised) and
 its :class:`DatasetMeta`; :func:`edgekd.data.build_dataset` then splits it into train and val with
-:func:`stratified_split`.
+:func:`stratified_split`. A source whose files come split (e.g. an ImageFolder with train/ and
+val/) returns that ``(train, val)`` pair instead.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from edgekd.registry import Registry
 class ArrayDataset:
     """In-memory frames with labels and (optionally) their SNR."""
 
-    x: np.ndarray  # float32 (N, 2, L) IQ frames, already normalised: row 0 = I, row 1 = Q
+    # float32, already normalised: (N, 2, L) IQ frames (row 0 = I, row 1 = Q) or (N, 3, H, W) images
+    x: np.ndarray
     y: np.ndarray  # int64 (N,) class indices into DatasetMeta.classes
     snr: np.ndarray | None  # int16 (N,) SNR in dB per frame, None if unknown
 
@@ -51,6 +53,7 @@ class DatasetMeta:
     normalisation: dict  # exactly the preprocessing applied, so a device can reproduce it
     fingerprint: str  # sha256 of the generating spec + seed, or of the file + spec
     source: str  # human description: generator and seed, or the file path
+    mirror_invariant: bool = False  # a horizontally mirrored input keeps its class (image augmentation)
 
     def to_dict(self) -> dict:
         """JSON-able form (tuples become lists)."""
@@ -59,7 +62,10 @@ class DatasetMeta:
         return data
 
 
-DatasetBuilder = Callable[[DataSpec, int], tuple[ArrayDataset, DatasetMeta]]
+# A source returns all its frames (split by build_dataset) or its own (train, val) split, and the meta.
+DatasetBuilder = Callable[
+    [DataSpec, int], tuple[ArrayDataset | tuple[ArrayDataset, ArrayDataset], DatasetMeta]
+]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 NORMALISATION_EPS = 1e-12

@@ -19,7 +19,7 @@ from torch import nn
 
 from edgekd import atomic
 from edgekd.console import progress
-from edgekd.data.augment import IQAugmentationBank
+from edgekd.data.augment import AugmentationBank
 from edgekd.hashing import sha256_json
 
 
@@ -33,7 +33,7 @@ class TeacherOutputs:
 
 @torch.inference_mode()
 def compute_teacher_outputs(
-    teacher: nn.Module, x: np.ndarray, batch_size: int, bank: IQAugmentationBank | None = None
+    teacher: nn.Module, x: np.ndarray, batch_size: int, bank: AugmentationBank | None = None
 ) -> TeacherOutputs:
     """Run ``teacher`` on every variant of every sample of ``x`` (N, ...), in order."""
     teacher.eval()
@@ -67,7 +67,7 @@ def cached_teacher_outputs(
     x: np.ndarray,
     cache_dir: Path,
     key: str,
-    bank: IQAugmentationBank | None = None,
+    bank: AugmentationBank | None = None,
     batch_size: int = 512,
 ) -> tuple[TeacherOutputs, bool]:
     """Teacher outputs for ``x`` from ``cache_dir/key`` if present, else computed and stored.

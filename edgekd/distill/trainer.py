@@ -21,7 +21,7 @@ from torch import nn
 
 from edgekd.atomic import write_torch
 from edgekd.console import progress
-from edgekd.data.augment import IQAugmentationBank
+from edgekd.data.augment import AugmentationBank
 from edgekd.data.base import ArrayDataset
 from edgekd.distill.methods.base import DistillMethod, ModelOutputs
 from edgekd.distill.outputs import model_outputs
@@ -107,7 +107,7 @@ def train(
     fingerprint: str,
     teacher: nn.Module | None = None,
     teacher_outputs: TeacherOutputs | None = None,
-    bank: IQAugmentationBank | None = None,
+    bank: AugmentationBank | None = None,
     label: str = "train",
     log: Callable[[str], None] = print,
 ) -> TrainResult:

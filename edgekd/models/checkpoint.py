@@ -5,6 +5,9 @@ plus ``"head": {...}`` when the model deploys a head other than one linear layer
 :mod:`edgekd.models.heads`).
 Files are written atomically and read with ``torch.load(weights_only=True)``, so a checkpoint can
 hold tensors and plain Python values (numbers, strings, lists, dicts) but never arbitrary objects.
+Weights saved by other tools load too: a ``.safetensors`` file, or a plain state dict (name ->
+tensor) saved with ``torch.save``; they carry no architecture name, so only their tensor names
+and shapes are checked (a model may map foreign names with ``adapt_state_dict``, as timm models do).
 Every problem with a checkpoint a user passed becomes one :class:`ModelError` line naming the file.
 """
 
@@ -57,6 +60,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelError(f"checkpoint {file} not found; pass the path of a .pt file written by edgekd")
     if file.stat().st_size == 0:
         raise ModelError(f"checkpoint {file} is empty; re-create it or point to another file")
+    if file.suffix == ".safetensors":
+        return {"model": None, "state_dict": _read_safetensors(file)}
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -69,10 +74,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"checkpoint {file} is truncated or corrupt and cannot be read; "
             "re-create it or point to another file"
         ) from None
+    if _is_state_dict(checkpoint):  # a plain state dict saved with torch.save(model.state_dict())
+        return {"model": None, "state_dict": dict(checkpoint)}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ModelError(
-            f"checkpoint {file} is not an edgekd checkpoint (no 'state_dict' mapping); "
-            "pass a file written by edgekd"
+            f"checkpoint {file} is neither an edgekd checkpoint (no 'state_dict' mapping) nor a state dict "
+            "of tensors; pass a file written by edgekd, a .safetensors file or a saved state_dict"
         )
     return checkpoint
 
@@ -86,12 +93,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], expected_name: 
     """
     checkpoint = load_checkpoint(path)
     saved_name = checkpoint.get("model")
-    if saved_name != expected_name:
+    if saved_name is not None and saved_name != expected_name:
         raise ModelError(
             f"checkpoint {path} holds a {saved_name!r} model, expected {expected_name!r}; "
             f"use a checkpoint of {expected_name!r} or set the model to {saved_name!r}"
         )
     saved: dict[str, torch.Tensor] = checkpoint["state_dict"]
+    if saved_name is None and hasattr(model, "adapt_state_dict"):
+        saved = model.adapt_state_dict(saved)
     if isinstance(checkpoint.get("head"), dict):
         model.head = build_head(checkpoint["head"], model.feature_dim, int(checkpoint["num_classes"]))
     own = model.state_dict()
@@ -109,8 +118,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], expected_name: 
     for key, tensor in own.items():
         if tuple(saved[key].shape) != tuple(tensor.shape):
             hint = ""
-            saved_classes = checkpoint.get("num_classes")
             head = getattr(model, "head", None)
+            saved_head = saved.get("head.weight")
+            saved_classes = checkpoint.get(
+                "num_classes", None if saved_head is None else int(saved_head.shape[0])
+            )
             if isinstance(head, nn.Linear) and saved_classes != head.out_features:
                 hint = f" (checkpoint for {saved_classes} classes, model built for {head.out_features})"
             raise ModelError(
@@ -119,6 +131,29 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], expected_name: 
             )
     model.load_state_dict(saved)
     return checkpoint
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items())
+    )
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (a format that holds only tensors: nothing is executed)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        reason = str(exc).strip() or type(exc).__name__
+        raise ModelError(
+            f"checkpoint {file} is not a readable safetensors file ({reason}); "
+            "re-create it or point to another file"
+        ) from None
 
 
 def _few(names: list[str]) -> str:

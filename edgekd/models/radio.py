@@ -42,6 +42,7 @@ class RadioModel(nn.Module):
     feature_dim: int
     head: nn.Linear
     hint_layers: tuple[str, ...]
+    input_rank = 2  # (C, L) per sample
 
     def __init__(self, num_classes: int, in_channels: int) -> None:
         super().__init__()

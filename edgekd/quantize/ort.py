@@ -81,6 +81,7 @@ def quantize_static_int8(
     method: str = "minmax",
     symmetric_activations: bool = False,
     exclude_nodes: Sequence[str] = (),
+    quantize_bias: bool = True,
 ) -> dict:
     """Quantise ``fp32_onnx`` to INT8 QDQ at ``out_path`` (written atomically), calibrated on ``calib``.
 
@@ -88,9 +89,11 @@ def quantize_static_int8(
     QUInt8 asymmetric, or QInt8 symmetric with zero point 0 when ``symmetric_activations`` (the
     form TensorRT's explicit-quantisation path accepts). ``method`` is the calibration method:
     minmax, entropy or percentile. Nodes named in ``exclude_nodes`` stay in float (e.g. the layers
-    whose INT8 outputs diverge most from FP32). Returns ``{format, weight_type, activation_type,
-    per_channel, symmetric_activations, method, calibration, nodes_quantized, nodes_excluded,
-    size_bytes, preprocess}``; ``calibration`` is the set's provenance with the samples really fed.
+    whose INT8 outputs diverge most from FP32). ``quantize_bias=False`` keeps biases in float
+    (TensorRT rejects the INT32 DequantizeLinear that ORT puts on quantised biases). Returns
+    ``{format, weight_type, activation_type, per_channel, symmetric_activations, quantize_bias, method,
+    calibration, nodes_quantized, nodes_excluded, size_bytes, preprocess}``; ``calibration`` is the
+    set's provenance with the samples really fed.
     """
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -165,6 +168,7 @@ def quantize_static_int8(
                         "ActivationSymmetric": symmetric_activations,
                         "WeightSymmetric": True,
                         "CalibTensorRangeSymmetric": symmetric_activations,
+                        "QuantizeBias": quantize_bias,
                     },
                 )
                 quantized = onnx.load(str(tmp))
@@ -187,6 +191,7 @@ def quantize_static_int8(
         "activation_type": "QInt8" if symmetric_activations else "QUInt8",
         "per_channel": per_channel,
         "symmetric_activations": symmetric_activations,
+        "quantize_bias": quantize_bias,
         "method": method,
         "calibration": calibration,
         "nodes_quantized": sum(node.op_type in QDQ_OPS for node in quantized.graph.node),

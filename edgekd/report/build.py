@@ -10,7 +10,7 @@ from typing import Any
 
 from edgekd.pipeline import RunContext
 
-_PACKAGES = ("edgekd", "torch", "numpy", "onnx", "onnxruntime")
+_PACKAGES = ("edgekd", "torch", "numpy", "onnx", "onnxruntime", "openvino", "nncf")
 
 
 def environment() -> dict[str, Any]:
@@ -55,8 +55,12 @@ def _find(
     return None
 
 
-def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios a reader asks first: deployed student vs teacher speed, size and accuracy; INT8 drop."""
+def headline(rows: list[dict[str, Any]], not_measured: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Ratios a reader asks first: deployed student vs teacher speed, size and accuracy; INT8 drop.
+
+    With no artifact measured here (``not_measured``: e.g. TensorRT engines on a host without a GPU),
+    the ratios are those of the PyTorch student and ``not_measured`` names what is missing.
+    """
     teacher = _find(rows, "torch", "fp32", role="teacher")
     deployed = [row for row in rows if "artifact" in row]
     best = (
@@ -65,6 +69,10 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
     fp32_artifact = next((row for row in deployed if row["precision"] == "fp32"), None)
     int8_artifact = next((row for row in deployed if row["precision"] == "int8"), None)
     out: dict[str, Any] = {"deployed": best["name"]}
+    if not_measured:
+        if not deployed:
+            out["deployed"] = f"{best['name']} (reference: no deployed artifact was measured here)"
+        out["not_measured"] = ", ".join(item["name"] for item in not_measured)
     if teacher is not None:
         out["speedup_vs_teacher"] = round(teacher["latency"]["p50_ms"] / best["latency"]["p50_ms"], 2)
         out["size_ratio_vs_teacher"] = round(teacher["size_bytes"] / best["size_bytes"], 2)
@@ -84,7 +92,10 @@ def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_report(ctx: RunContext) -> dict[str, Any]:
     train_set, val_set, meta = ctx.dataset
-    rows = ctx.output("profile", "rows")
+    remote = ctx.results["remote"].outputs
+    rows = ctx.output("profile", "rows") + remote["rows"]  # device rows carry "measured_on"
+    not_measured = ctx.results["profile"].outputs.get("not_measured", [])
+    compiled = ctx.results["compile"].outputs
     stage_times = {
         name: {"wall_s": round(r.wall_s, 2), "cached": r.cached} for name, r in ctx.results.items()
     }
@@ -102,6 +113,14 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         "quantization": ctx.results["quantize"].outputs,
         "artifacts": ctx.output("compile", "artifacts"),
         "rows": rows,
-        "headline": headline(rows),
+        "not_measured": not_measured,
+        "device_build": {
+            key: compiled[key]
+            for key in ("build_script_file", "bundle_files", "qdq_check")
+            if key in compiled
+        },
+        "device": remote.get("device"),
+        "bundle": ctx.output("bundle", "bundle_dir"),
+        "headline": headline([row for row in rows if "measured_on" not in row], not_measured),
         "stages": stage_times,
     }

@@ -38,8 +38,8 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
                 human_count(row.get("params")),
                 human_count(row.get("flops")),
                 human_bytes(row["size_bytes"]),
-                f"{row['accuracy']['accuracy']:.4f}",
-                "–" if row["accuracy"].get("agreement") is None else f"{row['accuracy']['agreement']:.4f}",
+                "–" if row["accuracy"] is None else f"{row['accuracy']['accuracy']:.4f}",
+                _agreement(row["accuracy"]),
                 f"{lat['p50_ms']:.3f}",
                 f"{lat['p90_ms']:.3f}",
                 f"{lat['p99_ms']:.3f}",
@@ -47,6 +47,10 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
             ]
         )
     return out
+
+
+def _agreement(accuracy: dict[str, Any] | None) -> str:
+    return "–" if accuracy is None or accuracy.get("agreement") is None else f"{accuracy['agreement']:.4f}"
 
 
 SUMMARY_HEADER = [
@@ -64,7 +68,7 @@ SUMMARY_HEADER = [
 
 
 def _per_snr(report: dict[str, Any]) -> list[str]:
-    rows = [row for row in report["rows"] if row["accuracy"].get("per_group")]
+    rows = [row for row in report["rows"] if (row["accuracy"] or {}).get("per_group")]
     if not rows:
         return []
     snrs = list(rows[0]["accuracy"]["per_group"])
@@ -73,6 +77,49 @@ def _per_snr(report: dict[str, Any]) -> list[str]:
         for row in rows
     ]
     return ["", "## Accuracy per SNR (dB)", "", *_table(["model", *snrs], body)]
+
+
+LAYER_HEADER = ["layer (runtime node)", "op", "median ms", "mean ms", "share"]
+
+
+def layer_rows(layers: dict[str, Any]) -> list[list[str]]:
+    """The slowest nodes of one artifact (:func:`edgekd.profile.layers.summarize_layers`) as table rows."""
+    return [
+        [
+            f"`{layer['name']}`",
+            layer["op"] + (f" ({layer['exec_type']})" if layer.get("exec_type") else ""),
+            f"{layer['median_ms']:.4f}",
+            f"{layer['mean_ms']:.4f}",
+            f"{layer['share']:.1%}",
+        ]
+        for layer in layers["top"]
+    ]
+
+
+def layer_summary(layers: dict[str, Any]) -> str:
+    return (
+        f"{layers['source']}, {layers['runs']} runs after warm-up; {layers['nodes']} nodes ran, "
+        f"{layers['layers_ms_per_run']:.4f} ms per run in total (sum of medians); ranked by median, "
+        "share of that sum."
+    )
+
+
+def slowest_layers(rows: list[dict[str, Any]], heading: str = "##") -> list[str]:
+    """Each artifact's slowest nodes where its runtime exposes them (why INT8 is or is not faster)."""
+    lines = []
+    for row in rows:
+        layers = row.get("layer_times")
+        if not layers or not layers["top"]:
+            continue
+        lines += [
+            "",
+            f"{heading}# {row['name']}: slowest layers",
+            "",
+            layer_summary(layers),
+            "",
+            *_table(LAYER_HEADER, layer_rows(layers)),
+        ]
+    return ["", f"{heading} Slowest layers", *lines] if lines else []
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -93,7 +140,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Deployed: **{head['deployed']}**. "
         + ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in head.items() if key != "deployed")
         + ".",
+        *_not_measured(report),
         *_per_snr(report),
+        *slowest_layers(report["rows"]),
         "",
         "## Training",
         "",
@@ -114,12 +163,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"held-out frames: max |diff| {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.0e}), "
         f"top-1 agreement {parity['top1_agreement']:.4f}.",
         *_quantization(report["quantization"]),
+        *_nncf(report["artifacts"]),
         "",
         "## Measurement protocol",
         "",
         f"- Latency: {proto['warmup']} warm-up + {proto['iterations']} timed calls, batch {proto['batch']}, "
         f"{proto['threads']} threads, clock {proto['clock']}, percentiles {proto['percentile_method']}; "
-        "the table is model-only; end-to-end (with the frame normalisation) p50 is in report.json.",
+        "the table is model-only; end-to-end (with the input normalisation) p50 is in report.json.",
+        *_runtime_settings(report["rows"]),
+        *_device(report),
         "- Agreement: share of held-out frames where an artifact predicts the same class as the PyTorch "
         "student it was compiled from (an INT8 collapse shows here before it shows in accuracy).",
         f"- Accuracy: the held-out split ({report['rows'][0]['accuracy']['n']} frames), same for every row.",
@@ -135,14 +187,107 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _not_measured(report: dict[str, Any]) -> list[str]:
+    """What was measured (the table) and what was not, with why; the device build files if any."""
+    missing = report.get("not_measured") or []
+    if not missing:
+        return []
+    build = report.get("device_build") or {}
+    lines = [
+        "",
+        "## Not measured",
+        "",
+        "Every row of the summary table was measured on this host. These artifacts were **not** built or "
+        "measured here, so no latency or accuracy is reported for them:",
+        "",
+        *(f"- {item['name']}: {item['why']}." for item in missing),
+    ]
+    if build.get("build_script_file"):
+        lines += [
+            "",
+            f"To build them on the device: copy the folder of `{build['build_script_file']}` "
+            f"({', '.join(f'`{name}`' for name in build.get('bundle_files', []))}) and run the script.",
+        ]
+    return lines
+
+
 def _quantization(quant: dict[str, Any]) -> list[str]:
     if "skipped" in quant:
-        return [f"- INT8: skipped ({quant['skipped']})."]
+        return [f"- INT8 QDQ: skipped ({quant['skipped']})."]
     q, calib = quant["quantization"], quant["quantization"]["calibration"]
     return [
         f"- INT8 {q['format']}: weights {q['weight_type']} "
         f"({'per-channel' if q['per_channel'] else 'per-tensor'}), "
         f"activations {q['activation_type']}, {q['method']} calibration on {calib['samples_used']} of "
         f"{calib['samples_requested']} requested train frames (data `{calib['dataset_fingerprint'][:16]}`, "
-        f"preprocessing: {calib['preprocessing']})."
+        f"preprocessing: {calib['preprocessing']}).",
+        *_accuracy_control(q.get("accuracy_control")),
+    ]
+
+
+def _accuracy_control(control: dict[str, Any] | None) -> list[str]:
+    if control is None:
+        return []
+    budget = control["budget"]
+    before = (
+        f"drop {control['drop_before']:.4f} with every layer INT8, "
+        if control.get("drop_before") is not None
+        else ""
+    )
+    kept = control.get("excluded_nodes")
+    return [
+        f"- Accuracy-aware INT8 (budget {budget['max_drop']} absolute top-1 on {budget['frames']} frames: "
+        f"{budget.get('split', 'unknown split')}): {before}drop {control['drop_after']:.4f} after"
+        + (
+            f" {control['attempts']} attempt(s), {len(kept)} node(s) kept in float"
+            if kept is not None
+            else ""
+        )
+        + f" — budget {'met' if control['met'] else 'NOT met'}."
+    ]
+
+
+def _nncf(artifacts: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for record in artifacts:
+        q = record["metadata"].get("quantization")
+        if not q or q.get("tool") != "nncf":
+            continue
+        lines.append(
+            f"- {record['backend']} INT8 by NNCF {q['nncf_version']} from the float model: "
+            f"preset {q['preset']}, {q['subset_size']} calibration samples "
+            f"(data `{q['calibration']['dataset_fingerprint'][:16]}`), "
+            f"{q['fake_quantize_nodes']} FakeQuantize nodes, ignored scope {q['ignored_scope'] or 'none'}."
+        )
+        lines += _accuracy_control(q.get("accuracy_control"))
+    return lines
+
+
+def _runtime_settings(rows: list[dict[str, Any]]) -> list[str]:
+    """Settings that change speed, for runtimes that take a performance hint (OpenVINO)."""
+    lines = []
+    for row in rows:
+        info = row.get("runtime_info") or {}
+        if "hint" in info:
+            lines.append(
+                f"- {row['name']}: {info['device_name']}, hint {info['hint']}, {info['threads']} threads, "
+                f"{info['num_streams']} stream(s), {info['requests']}, inference precision "
+                f"{info['inference_precision']} (OpenVINO {info['version']})."
+            )
+    return lines
+
+
+def _device(report: dict[str, Any]) -> list[str]:
+    """Where the rows marked 'on <host>' were measured (remote stage, over SSH)."""
+    device = report.get("device")
+    if not device:
+        return []
+    runtimes = ", ".join(f"{k} {v}" for k, v in device["runtimes"].items() if v)
+    measured = [row["accuracy"]["n"] for row in report["rows"] if row.get("measured_on") and row["accuracy"]]
+    frames = measured[0] if measured else None
+    return [
+        f"- Rows 'on {device['hostname']}': measured on that device over SSH from the bundle "
+        f"`{report['bundle']}` ({device['arch']}, {device['processor']}, {device['cpu_count']} cores, "
+        f"{device['platform']}, Python {device['python']}; {runtimes}), same latency protocol, model-only; "
+        f"accuracy on the bundle's eval.npz ({frames if frames is not None else 'no'} held-out frames)."
     ]

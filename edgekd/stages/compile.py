@@ -1,43 +1,103 @@
-"""Stage 5: compile an artifact per precision of the target with its backend."""
+"""Stage 5: compile an artifact per precision of the target with its backend.
+
+Backends that quantise INT8 themselves (``Backend.quantizes_itself``, e.g. OpenVINO with NNCF)
+compile INT8 from the float export with the calibration set (and the accuracy budget, if any);
+the others compile the quantize stage's QDQ model. Backends that build on the device (TensorRT) go
+through :mod:`edgekd.stages.device_build`, which also writes the deployable inputs and build script.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from edgekd.backends import get_backend
+from edgekd.backends import BACKENDS, get_backend
+from edgekd.backends.base import Artifact
 from edgekd.pipeline import RunContext, Stage, recipe_fields
+from edgekd.recipe import Recipe
+from edgekd.stages.device_build import device_build
+from edgekd.stages.quantize import accuracy_budget, calibration_set
+from edgekd.targets import Target, resolve_target
+
+
+def _quantizes_itself(target: Target) -> bool:
+    return BACKENDS.get(target.backend).quantizes_itself
 
 
 def _onnx_for(ctx: RunContext, precision: str) -> Path | None:
-    """The ONNX a precision is compiled from: the QDQ model for int8, the float export otherwise."""
+    """Source ONNX: the QDQ model for int8 unless the backend quantises, else the export."""
+    if precision == "int8" and _quantizes_itself(ctx.target):
+        return ctx.path("export", "onnx_file") if ctx.recipe.quantize.enabled else None
     if precision == "int8":
         outputs = ctx.results["quantize"].outputs
         return ctx.run_dir / outputs["int8_onnx_file"] if "int8_onnx_file" in outputs else None
     return ctx.path("export", "onnx_file")
 
 
+def _config(recipe: Recipe) -> dict[str, Any]:
+    """The target; for self-quantising backends also what selects calibration and budget frames."""
+    target = resolve_target(recipe.target)
+    fields = ("target",)
+    if _quantizes_itself(target):
+        fields = ("target", "seed", "data", "quantize")
+    backend = BACKENDS.get(target.backend)
+    if backend.builds_without_runtime:  # whether engines are built here changes the outputs
+        return {
+            **recipe_fields("target", "compile")(recipe),
+            "opt_batch": recipe.profile.batch_size,
+            "builds_here": backend().available()[0],
+        }
+    return recipe_fields(*fields)(recipe)
+
+
 def _inputs(ctx: RunContext) -> list[Path]:
-    return [p for p in (_onnx_for(ctx, precision) for precision in ctx.target.precisions) if p is not None]
+    paths = {_onnx_for(ctx, precision) for precision in ctx.target.precisions}
+    return sorted(path for path in paths if path is not None)
+
+
+def _record(ctx: RunContext, artifact: Artifact) -> tuple[dict[str, Any], list[str]]:
+    """The artifact as recorded (path relative to the run dir) and its files (with companions)."""
+    record = artifact.to_dict()
+    record["path"] = str(artifact.path.relative_to(ctx.run_dir))
+    extra = artifact.metadata.get("companion_files", [])
+    return record, [record["path"], *(str(Path(f).relative_to(ctx.run_dir)) for f in extra)]
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     target = ctx.target
+    if BACKENDS.get(target.backend).builds_without_runtime:
+        sources = {p: path for p in target.precisions if (path := _onnx_for(ctx, p)) is not None}
+        built, outputs = device_build(ctx, stage_dir, BACKENDS.get(target.backend)(), sources)
+        records = [_record(ctx, artifact) for artifact in built]
+        return {
+            "target": target.to_dict(),
+            "artifacts": [record for record, _ in records],
+            "artifact_files": [name for _, files in records for name in files],
+            **outputs,
+        }
     backend = get_backend(target.backend)
     artifacts = []
+    files = []
     for precision in target.precisions:
         onnx_path = _onnx_for(ctx, precision)
         if onnx_path is None:
             continue
-        artifact = backend.compile(onnx_path, stage_dir, precision, calib=None)
-        record = artifact.to_dict()
-        record["path"] = str(artifact.path.relative_to(ctx.run_dir))
+        if precision == "int8" and backend.quantizes_itself:
+            artifact = backend.compile(
+                onnx_path, stage_dir, precision, calib=calibration_set(ctx), budget=accuracy_budget(ctx)
+            )
+            control = artifact.metadata["quantization"].get("accuracy_control")
+            if control is not None:
+                ctx.log(
+                    f"  INT8 drop {control['drop_after']:.4f} (budget {control['budget']['max_drop']}): "
+                    f"{'met' if control['met'] else 'NOT met'}"
+                )
+        else:
+            artifact = backend.compile(onnx_path, stage_dir, precision, calib=None)
+        record, names = _record(ctx, artifact)
         artifacts.append(record)
-    return {
-        "target": target.to_dict(),
-        "artifacts": artifacts,
-        "artifact_files": [record["path"] for record in artifacts],
-    }
+        files += names
+    return {"target": target.to_dict(), "artifacts": artifacts, "artifact_files": files}
 
 
-STAGE = Stage("compile", _run, recipe_fields("target"), _inputs)
+STAGE = Stage("compile", _run, _config, _inputs)

@@ -38,7 +38,14 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     load_weights(teacher, teacher_file, teacher_name)
     teacher.requires_grad_(False)
     torch.manual_seed(recipe.seed)  # the student's and the method's initial weights follow the seed
-    student = build_model(recipe.student.model, num_classes=classes, in_channels=channels)
+    student = build_model(
+        recipe.student.model,
+        num_classes=classes,
+        in_channels=channels,
+        pretrained=recipe.student.pretrained and recipe.student.checkpoint is None,
+        role="student",
+        input_shape=meta.input_shape,
+    )
     if recipe.student.checkpoint is not None:
         load_weights(student, recipe.student.checkpoint, recipe.student.model)
     method = build_method(

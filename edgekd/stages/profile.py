@@ -4,7 +4,9 @@ Rows: the teacher and the student in PyTorch (the reference), then each compiled
 target (e.g. student FP32 ONNX and INT8 ONNX on ONNX Runtime). Accuracy is that of the artifact
 itself, overall and per SNR, and for each artifact the share of held-out frames on which it predicts
 the same class as the PyTorch student it was built from; latency follows the recorded protocol
-(warm-up, iterations, batch, threads), model-only and end-to-end with the frame normalisation.
+(warm-up, iterations, batch, threads), model-only and end-to-end with the input normalisation; GPU
+runners (TensorRT) are also timed on the device with CUDA events. Artifacts the compile stage could
+not build here (TensorRT without a GPU) are listed under ``not_measured`` with the reason.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ import numpy as np
 from edgekd.backends import get_backend
 from edgekd.backends.base import Artifact, resolve_threads
 from edgekd.backends.torch import TorchRunner
-from edgekd.data.base import ArrayDataset, normalise_frames
+from edgekd.data import raw_and_preprocess
+from edgekd.data.base import ArrayDataset
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights
 from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.profile.accuracy import evaluate_classifier, predict
-from edgekd.profile.latency import measure_latency
+from edgekd.profile.cuda_latency import measure_cuda_latency, supports_cuda_events
+from edgekd.profile.latency import current_rss_mb, measure_latency, peak_rss_mb
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
-    artifacts = [ctx.run_dir / a["path"] for a in ctx.output("compile", "artifacts")]
+    artifacts = [ctx.run_dir / name for name in ctx.output("compile", "artifact_files")]  # with IR .bin files
     return [ctx.path("teacher", "model_file"), ctx.path("distill", "model_file"), *artifacts]
 
 
@@ -54,10 +58,37 @@ def _measure(
         groups=evaluation_set.snr,
         reference=reference,
     )
-    sample = np.ascontiguousarray(evaluation_set.x[: spec.batch_size])
-    latency = measure_latency(runner, sample, spec.warmup, spec.iterations, preprocess=normalise_frames)
+    raw, preprocess = raw_and_preprocess(
+        ctx.dataset[2], np.ascontiguousarray(evaluation_set.x[: spec.batch_size])
+    )
+    latency = measure_latency(runner, raw, spec.warmup, spec.iterations, preprocess=preprocess)
+    if supports_cuda_events(runner):
+        model_input = preprocess(raw) if preprocess is not None else raw
+        latency["cuda_events"] = measure_cuda_latency(runner, model_input, spec.warmup, spec.iterations)
     ctx.log(f"  {row['name']}: accuracy {evaluation['accuracy']:.4f}, p50 {latency['p50_ms']:.3f} ms")
     return {**row, "accuracy": evaluation, "latency": latency}
+
+
+def _memory(rss_before_mb: float | None) -> dict[str, Any]:
+    """Resident memory this process gained while loading, evaluating and timing one artifact, and its peak."""
+    now = current_rss_mb()
+    added = None if now is None or rss_before_mb is None else round(now - rss_before_mb, 2)
+    peak = peak_rss_mb()
+    return {"rss_added_mb": added, "process_peak_rss_mb": None if peak is None else round(peak, 1)}
+
+
+def _layer_times(
+    ctx: RunContext, backend: Any, artifact: Artifact, threads: int, options: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The slowest nodes by the runtime's own profiler (same batch, warm-up and iterations as the latency)."""
+    spec = ctx.recipe.profile
+    raw, preprocess = raw_and_preprocess(
+        ctx.dataset[2], np.ascontiguousarray(_evaluation_set(ctx).x[: spec.batch_size])
+    )
+    batch = preprocess(raw) if preprocess is not None else raw
+    return backend.layer_times(
+        artifact, batch, runs=spec.iterations, warmup=spec.warmup, threads=threads, **options
+    )
 
 
 def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> tuple[dict[str, Any], TorchRunner]:
@@ -85,24 +116,41 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     student_row, student_runner = _torch_row(ctx, "distill", "student", threads)
     rows = [teacher_row, student_row]
     reference = predict(student_runner, _evaluation_set(ctx).x, batch_size=EVAL_BATCH).argmax(axis=1)
-    backend = get_backend(ctx.target.backend)
     for record in ctx.output("compile", "artifacts"):
+        backend = get_backend(record["backend"])
         artifact = Artifact(
             ctx.run_dir / record["path"], record["backend"], record["precision"], record["metadata"]
         )
+        options = {"hint": ctx.recipe.profile.openvino_hint} if backend.hints else {}
         row = {
             "name": f"student ({backend.name} {artifact.precision.upper()})",
             "role": "student",
             "model": ctx.output("distill", "model"),
             "runtime": backend.name,
             "precision": artifact.precision,
-            "size_bytes": artifact.path.stat().st_size,
+            "size_bytes": artifact.metadata.get("size_bytes", artifact.path.stat().st_size),
             "params": ctx.output("distill", "params"),
             "flops": ctx.output("distill", "flops"),
             "artifact": record["path"],
         }
-        rows.append(_measure(ctx, backend.load(artifact, threads=threads), row, reference))
-    return {"rows": rows, "threads": threads, "eval_frames": rows[0]["accuracy"]["n"]}
+        rss_before = current_rss_mb()
+        runner = backend.load(artifact, threads=threads, **options)
+        measured = _measure(ctx, runner, {**row, "runtime_info": runner.info}, reference)
+        measured["memory"] = _memory(rss_before)
+        measured["layer_times"] = _layer_times(ctx, backend, artifact, threads, options)
+        rows.append(measured)
+    not_measured = [
+        {key: item[key] for key in ("name", "backend", "precision", "engine", "profiled", "why")}
+        for item in ctx.results["compile"].outputs.get("unbuilt_artifacts", [])
+    ]
+    for item in not_measured:
+        ctx.log(f"  {item['name']}: not measured ({item['why']})")
+    return {
+        "rows": rows,
+        "not_measured": not_measured,
+        "threads": threads,
+        "eval_frames": rows[0]["accuracy"]["n"],
+    }
 
 
 STAGE = Stage("profile", _run, recipe_fields("seed", "data", "profile", "target"), _inputs)

@@ -26,7 +26,14 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     train_set, val_set, meta = ctx.dataset
     spec = ctx.recipe.teacher
     torch.manual_seed(ctx.recipe.seed)  # initial weights follow the seed
-    model = build_model(spec.model, num_classes=len(meta.classes), in_channels=meta.input_shape[0])
+    model = build_model(
+        spec.model,
+        num_classes=len(meta.classes),
+        in_channels=meta.input_shape[0],
+        pretrained=spec.pretrained and spec.checkpoint is None,
+        role="teacher",
+        input_shape=meta.input_shape,
+    )
     history: list[dict[str, float]] = []
     if spec.checkpoint is not None:
         load_weights(model, spec.checkpoint, spec.model)

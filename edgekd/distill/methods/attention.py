@@ -3,6 +3,7 @@ Convolutional Neural Networks via Attention Transfer", ICLR 2017 (arXiv:1612.039
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,14 +15,14 @@ from edgekd.distill.methods.hint_maps import feature_maps, require_maps, resampl
 from edgekd.recipe import DistillSpec
 
 
-def attention_map(feature_map: torch.Tensor, p: float, length: int) -> torch.Tensor:
-    """Q = n(R(mean_c |A_c|^p)): (B, C, L) -> (B, length), L2-normalised per sample.
+def attention_map(feature_map: torch.Tensor, p: float, size: Sequence[int]) -> torch.Tensor:
+    """Q = n(R(mean_c |A_c|^p)): (B, C, *S) -> (B, prod(size)), L2-normalised per sample.
 
-    R resamples the map along L (adaptive average pooling when shortening). Normalising makes Q
-    independent of the scale of A: Q(k·A) = Q(A) for any k > 0.
+    R resamples the map to ``size`` (L, or H and W; adaptive average pooling when shrinking).
+    Normalising makes Q independent of the scale of A: Q(k·A) = Q(A) for any k > 0.
     """
     spatial = feature_map.abs().pow(p).mean(dim=1, keepdim=True)
-    return F.normalize(resample(spatial, length).flatten(1), dim=1)
+    return F.normalize(resample(spatial, size).flatten(1), dim=1)
 
 
 @METHODS.register("at", aliases=("attention",))
@@ -33,8 +34,9 @@ class AttentionTransfer(DistillMethod):
     - the pairs j are the last k hint layers of student and teacher, deepest with deepest,
       k = min(``layers``, number of hint layers of each model) (the paper pairs the outputs of
       matching residual groups; here the deepest k stages);
-    - Q = A / ‖A‖₂ per sample with A = mean over channels of |F|^p (F a (B, C, L) map, p = ``p``);
-      both maps of a pair are first brought to the shorter of their two lengths by average pooling,
+    - Q = A / ‖A‖₂ per sample with A = mean over channels of |F|^p (F a (B, C, L) or (B, C, H, W)
+      map, p = ``p``); both maps of a pair are first brought to the smaller of their two sizes
+      (per axis) by average pooling,
       so channel counts and lengths need not match; no trainable part;
     - β = ``beta`` = 1000 as in the paper, whose per-layer norm is "divided by the number of
       elements in the attention map and batch size": the mean above. We use the squared
@@ -66,9 +68,9 @@ class AttentionTransfer(DistillMethod):
         for student_map, teacher_map in zip(
             student_maps[-self.pairs :], teacher_maps[-self.pairs :], strict=True
         ):
-            length = min(student_map.shape[-1], teacher_map.shape[-1])
-            q_s = attention_map(student_map, self.options.p, length)
-            q_t = attention_map(teacher_map.detach(), self.options.p, length)
+            size = [min(s, t) for s, t in zip(student_map.shape[2:], teacher_map.shape[2:], strict=True)]
+            q_s = attention_map(student_map, self.options.p, size)
+            q_t = attention_map(teacher_map.detach(), self.options.p, size)
             total = total + (q_s - q_t).pow(2).mean()
         return self.options.beta / 2 * total
 

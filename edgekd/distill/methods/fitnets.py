@@ -11,7 +11,7 @@ from pydantic import Field
 from torch import nn
 
 from edgekd.distill.methods.base import METHODS, DistillMethod, MethodOptions, ModelOutputs, ModelShape
-from edgekd.distill.methods.hint_maps import feature_maps, require_maps, resample
+from edgekd.distill.methods.hint_maps import batch_norm, conv, feature_maps, require_maps, resample
 from edgekd.errors import RecipeError
 from edgekd.recipe import DistillSpec
 
@@ -35,15 +35,15 @@ class FitNets(DistillMethod):
 
     ``L = CE(s, y) + λ · mean((r(R(F_s)) − F_t)²)``
 
-    - F_s: the student's guided layer, F_t: the teacher's hint layer — the maps (B, C, L) of the
-      hint layers picked by ``hint_layer`` (default the middle one of each model, RepDistiller's
-      choice; "first", "last" or an index also work);
-    - R: resampling of the student map to the teacher's length when they differ (adaptive average
-      pooling to shorten, linear interpolation to lengthen);
-    - r: the regressor Conv1d(C_s, C_t, kernel 3, padding 1) + BatchNorm1d, RepDistiller's ConvReg
-      for equal spatial sizes without its final ReLU: the teacher's ClST stage maps are
-      residual-stream tokens with negative values, which a ReLU output could never match. It is
-      trained with the student and dropped after training;
+    - F_s: the student's guided layer, F_t: the teacher's hint layer — the maps (B, C, L) or
+      (B, C, H, W) of the hint layers picked by ``hint_layer`` (default the middle one of each
+      model, RepDistiller's choice; "first", "last" or an index also work);
+    - R: resampling of the student map to the teacher's size when they differ (adaptive average
+      pooling to shrink, (bi)linear interpolation to enlarge);
+    - r: the regressor Conv(C_s, C_t, kernel 3, padding 1) + BatchNorm (1-D or 2-D, as the maps),
+      RepDistiller's ConvReg for equal spatial sizes without its final ReLU: the teacher's ClST
+      stage maps are residual-stream tokens with negative values, which a ReLU output could never
+      match. It is trained with the student and dropped after training;
     - λ = ``hint_weight`` (100, the one-stage RepDistiller setting); mean over all elements
       (``nn.MSELoss``), teacher map detached.
 
@@ -67,16 +67,16 @@ class FitNets(DistillMethod):
         self.student_layer = layer_index(choice, len(student.map_shapes), spec.method, "student")
         self.teacher_layer = layer_index(choice, len(teacher.map_shapes), spec.method, "teacher")
         student_channels = student.map_shapes[self.student_layer][0]
-        teacher_channels, self.teacher_length = teacher.map_shapes[self.teacher_layer][:2]
+        teacher_shape = teacher.map_shapes[self.teacher_layer]
         self.regressor = nn.Sequential(
-            nn.Conv1d(student_channels, teacher_channels, kernel_size=3, padding=1),
-            nn.BatchNorm1d(teacher_channels),
+            conv(teacher_shape, student_channels, teacher_shape[0], kernel_size=3, padding=1),
+            batch_norm(teacher_shape, teacher_shape[0]),
         )
 
     def hint_loss(self, student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
         """mean((r(R(F_s)) − F_t)²) for one pair of maps."""
         teacher_map = teacher_map.detach()
-        guided = self.regressor(resample(student_map, teacher_map.shape[-1]))
+        guided = self.regressor(resample(student_map, teacher_map.shape[2:]))
         return F.mse_loss(guided, teacher_map)
 
     def loss(

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from edgekd.distill.methods.base import METHODS, DistillMethod, MethodOptions, ModelOutputs, ModelShape
-from edgekd.distill.methods.hint_maps import feature_maps, require_maps, resample
+from edgekd.distill.methods.hint_maps import conv, feature_maps, require_maps, resample
 from edgekd.recipe import DistillSpec
 
 
@@ -20,16 +20,17 @@ class MaskedGenerativeKD(DistillMethod):
 
     ``L = CE(s, y) + α_mgd · Σ_{b,c,l} ( G(R(a(F_s)) ⊙ M) − F_t )² / B``
 
-    - F_s, F_t: the deepest hint-layer maps (B, C, L) of student and teacher (the paper distils the
-      last backbone stage for classification); a: a 1x1 Conv1d from the student's channels to the
-      teacher's, only when they differ; R: resampling of the student map to the teacher's length
-      when they differ (average pooling to shorten, linear interpolation to lengthen; ours — the
-      paper's maps have equal sizes);
-    - M: a random channel mask (B, C_t, 1), 0 with probability λ = ``mask_ratio`` (0.15, the
+    - F_s, F_t: the deepest hint-layer maps (B, C, L) or (B, C, H, W) of student and teacher (the
+      paper distils the last backbone stage for classification); a: a 1x1 convolution from the
+      student's channels to the teacher's, only when they differ; R: resampling of the student map
+      to the teacher's size when they differ (average pooling to shrink, (bi)linear interpolation
+      to enlarge; ours — the paper's maps have equal sizes);
+    - M: a random channel mask (B, C_t, 1[, 1]), 0 with probability λ = ``mask_ratio`` (0.15, the
       paper's classification setting) and 1 otherwise, drawn afresh each batch from torch's global
       generator (which the trainer seeds per epoch, so runs are reproducible);
-    - G: the generator Conv1d(C_t, C_t, 3) → ReLU → Conv1d(C_t, C_t, 3) (padding 1), the official
-      3x3 generator in 1-D; a and G are trained with the student and dropped after training;
+    - G: the generator Conv(C_t, C_t, 3) → ReLU → Conv(C_t, C_t, 3) (padding 1), the official 3x3
+      generator (its 1-D form for (C, L) maps); a and G are trained with the student and dropped
+      after training;
     - α_mgd = ``alpha_mgd`` = 7e-5 (the official ImageNet classification config); squared error
       summed over channels and positions, averaged over the batch; teacher map detached.
 
@@ -50,25 +51,26 @@ class MaskedGenerativeKD(DistillMethod):
         super().__init__(spec, num_classes, student, teacher)
         require_maps(spec.method, student, teacher)
         student_channels = student.map_shapes[-1][0]
-        teacher_channels = teacher.map_shapes[-1][0]
+        shape = teacher.map_shapes[-1]
+        teacher_channels = shape[0]
         self.align = (
-            nn.Conv1d(student_channels, teacher_channels, kernel_size=1)
+            conv(shape, student_channels, teacher_channels, kernel_size=1)
             if student_channels != teacher_channels
             else None
         )
         self.generator = nn.Sequential(
-            nn.Conv1d(teacher_channels, teacher_channels, kernel_size=3, padding=1),
+            conv(shape, teacher_channels, teacher_channels, kernel_size=3, padding=1),
             nn.ReLU(),
-            nn.Conv1d(teacher_channels, teacher_channels, kernel_size=3, padding=1),
+            conv(shape, teacher_channels, teacher_channels, kernel_size=3, padding=1),
         )
 
     def generation_loss(self, student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
         """Σ (G(R(a(F_s)) ⊙ M) − F_t)² / B, unweighted."""
         teacher_map = teacher_map.detach()
         aligned = self.align(student_map) if self.align is not None else student_map
-        aligned = resample(aligned, teacher_map.shape[-1])
+        aligned = resample(aligned, teacher_map.shape[2:])
         batch, channels = aligned.shape[:2]
-        draw = torch.rand((batch, channels, 1), device=aligned.device)
+        draw = torch.rand((batch, channels, *[1] * (aligned.dim() - 2)), device=aligned.device)
         mask = (draw >= self.options.mask_ratio).to(aligned.dtype)
         generated = self.generator(aligned * mask)
         return F.mse_loss(generated, teacher_map, reduction="sum") / batch

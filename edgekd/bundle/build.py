@@ -1,0 +1,270 @@
+"""Write ``<run>/bundle/<target>/`` from a run's finished stages (host side).
+
+The bundle holds the compile stage's artifact files, ``model_data.h`` / ``model_data.c`` (the chosen
+artifact as a C array), ``eval.npz`` (held-out frames for on-device accuracy, optional),
+``manifest.json`` (interface, preprocessing, labels, quantisation, versions, per-file SHA-256) and
+``SHA256SUMS`` (every file, the manifest included). It is built in a temporary directory beside the
+final one and renamed into place, so a crash never leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd import __version__, atomic
+from edgekd.bundle import carray
+from edgekd.bundle.checksums import MANIFEST_FILE, SUMS_FILE, render_sums
+from edgekd.errors import BundleError, RecipeError
+from edgekd.hashing import sha256_file
+from edgekd.pipeline import RunContext
+
+BUNDLE_DIR = "bundle"
+EVAL_FILE = "eval.npz"
+RUNTIMES = ("numpy", "onnxruntime", "openvino", "tensorrt")
+
+
+def bundle_dir(run_dir: Path, target: str) -> Path:
+    return run_dir / BUNDLE_DIR / target
+
+
+def runtime_versions() -> dict[str, str | None]:
+    """Installed versions of the runtimes a bundle may be loaded with (None when absent)."""
+    versions: dict[str, str | None] = {}
+    for name in RUNTIMES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _onnx_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+
+    def tensor(value: Any) -> dict[str, Any]:
+        info = value.type.tensor_type
+        shape = [
+            dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or "?") for dim in info.shape.dim
+        ]
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(info.elem_type)).name
+        return {"name": value.name, "shape": shape, "dtype": dtype}
+
+    return {
+        "inputs": [tensor(v) for v in graph.input if v.name not in initializers],
+        "outputs": [tensor(v) for v in graph.output],
+    }
+
+
+def _ir_io(path: Path) -> dict[str, list[dict[str, Any]]]:
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+
+    def port(item: Any) -> dict[str, Any]:
+        shape = [dim.get_length() if dim.is_static else "?" for dim in item.get_partial_shape()]
+        return {
+            "name": item.get_any_name(),
+            "shape": shape,
+            "dtype": np.dtype(item.get_element_type().to_dtype()).name,
+        }
+
+    return {"inputs": [port(p) for p in model.inputs], "outputs": [port(p) for p in model.outputs]}
+
+
+def describe_io(path: Path, fallback_onnx: Path) -> dict[str, Any]:
+    """Inputs/outputs (name, shape with symbolic dims as text, dtype) read from the artifact itself.
+
+    Formats read here: ONNX, and OpenVINO IR when openvino is installed; others (TensorRT engines)
+    take the interface of the ONNX they were built from, and say so in ``io_source``.
+    """
+    if path.suffix == ".onnx":
+        return {**_onnx_io(path), "io_source": path.name}
+    if path.suffix == ".xml":
+        try:
+            return {**_ir_io(path), "io_source": path.name}
+        except ImportError:
+            pass
+    return {**_onnx_io(fallback_onnx), "io_source": f"{fallback_onnx.name} (the ONNX it was built from)"}
+
+
+def quantization_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Scheme, symmetry, granularity and calibration provenance of an INT8 artifact, plus the full record."""
+    if not record:
+        return None
+    return {
+        "scheme": record.get("format") or record.get("tool"),
+        "weight_type": record.get("weight_type"),
+        "activation_type": record.get("activation_type"),
+        "symmetric_activations": record.get("symmetric_activations"),
+        "per_channel": record.get("per_channel"),
+        "method": record.get("method") or record.get("preset"),
+        "calibration": record.get("calibration"),
+        "record": record,
+    }
+
+
+def _artifact_quantization(ctx: RunContext, record: dict[str, Any]) -> dict[str, Any] | None:
+    if record["precision"] != "int8":
+        return None
+    own = record["metadata"].get("quantization")  # backends that quantise themselves (NNCF)
+    return quantization_summary(own or ctx.results["quantize"].outputs.get("quantization"))
+
+
+def _choose(artifacts: list[dict[str, Any]], precision: str | None, target: str) -> dict[str, Any] | None:
+    """The artifact for model_data.c; None when nothing was built here (engines built on the device)."""
+    built = [record["precision"] for record in artifacts]
+    if not artifacts and precision is None:
+        return None
+    if precision is None:
+        precision = "int8" if "int8" in built else built[0]
+    if precision not in built:
+        raise RecipeError(
+            f"bundle.artifact {precision!r}: target {target} built {', '.join(built)}; choose one of them"
+        )
+    return artifacts[built.index(precision)]
+
+
+def _eval_arrays(ctx: RunContext) -> dict[str, np.ndarray] | None:
+    """The first ``bundle.eval_samples`` held-out frames (the profile stage's frames), labels, SNRs."""
+    limit = ctx.recipe.bundle.eval_samples
+    if limit == 0:
+        return None
+    _, val_set, _ = ctx.dataset
+    arrays = {"x": np.ascontiguousarray(val_set.x[:limit], dtype=np.float32), "y": val_set.y[:limit]}
+    if val_set.snr is not None:
+        arrays["groups"] = val_set.snr[:limit]
+    return arrays
+
+
+def _copy_artifacts(ctx: RunContext, work: Path) -> list[str]:
+    """Copy the artifacts and the device-build inputs (``bundle_files``, e.g. for TensorRT); those names."""
+    outputs = ctx.results["compile"].outputs
+    seen: dict[str, str] = {}
+    for name in dict.fromkeys([*outputs["artifact_files"], *outputs.get("bundle_files", [])]):
+        base = Path(name).name
+        if base in seen:
+            raise BundleError(f"artifacts {seen[base]} and {name} share the file name {base}; rename one")
+        seen[base] = name
+        shutil.copyfile(ctx.run_dir / name, work / base)
+    return [Path(name).name for name in outputs.get("bundle_files", [])]
+
+
+def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
+    """Write every bundle file into ``work``; return the manifest (without ``files``)."""
+    target = ctx.target
+    device_build = _copy_artifacts(ctx, work)
+    export_onnx = ctx.path("export", "onnx_file")
+    artifacts = []
+    for record in ctx.output("compile", "artifacts"):
+        file = Path(record["path"]).name
+        companions = [Path(f).name for f in record["metadata"].get("companion_files", [])]
+        artifacts.append(
+            {
+                "file": file,
+                "companion_files": companions,
+                "backend": record["backend"],
+                "precision": record["precision"],
+                "size_bytes": sum((work / f).stat().st_size for f in [file, *companions]),
+                **describe_io(work / file, export_onnx),
+                "quantization": _artifact_quantization(ctx, record),
+            }
+        )
+    chosen = _choose(artifacts, precision or ctx.recipe.bundle.artifact, target.name)
+    firmware = None if chosen is None else _write_c_array(work, chosen)
+    _, _, meta = ctx.dataset
+    eval_arrays = _eval_arrays(ctx)
+    if eval_arrays is not None:
+        np.savez(work / EVAL_FILE, **eval_arrays)
+    return {
+        "edgekd_bundle": 1,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "tool": {"name": "edgekd", "version": __version__},
+        "runtimes": runtime_versions(),
+        "run": ctx.recipe.name,
+        "target": target.to_dict(),
+        "model": ctx.output("distill", "model"),
+        "task": meta.task,
+        "input_shape": list(meta.input_shape),
+        "labels": list(meta.classes),
+        "preprocessing": meta.normalisation,
+        "dataset": {"name": meta.name, "fingerprint": meta.fingerprint, "source": meta.source},
+        "artifacts": artifacts,
+        "firmware": firmware,
+        "inputs": (chosen or {}).get("inputs"),
+        "outputs": (chosen or {}).get("outputs"),
+        "quantization": (chosen or {}).get("quantization"),
+        "device_build": {
+            "files": device_build,
+            "unbuilt": ctx.results["compile"].outputs.get("unbuilt_artifacts", []),
+        }
+        if device_build
+        else None,
+        "eval_set": None
+        if eval_arrays is None
+        else {
+            "file": EVAL_FILE,
+            "frames": len(eval_arrays["y"]),
+            "split": "held-out (the first frames of the split the profile stage evaluates)",
+            "arrays": {"x": "model inputs (preprocessed)", "y": "labels", "groups": "SNR in dB"},
+        },
+    }
+
+
+def _write_c_array(work: Path, chosen: dict[str, Any]) -> dict[str, Any]:
+    """``model_data.h`` / ``model_data.c`` of the chosen artifact; its ``firmware`` manifest entry."""
+    data = (work / chosen["file"]).read_bytes()
+    digest = sha256_file(work / chosen["file"])
+    tool = f"edgekd {__version__}"
+    (work / carray.HEADER_FILE).write_text(carray.render_header(chosen["file"], digest, len(data), tool))
+    (work / carray.SOURCE_FILE).write_text(carray.render_source(data, chosen["file"], digest, tool))
+    return {
+        "artifact": chosen["file"],
+        "precision": chosen["precision"],
+        "header": carray.HEADER_FILE,
+        "source": carray.SOURCE_FILE,
+        "symbol": carray.SYMBOL,
+        "length_symbol": f"{carray.SYMBOL}_len",
+        "alignment": carray.ALIGNMENT,
+        "size_bytes": len(data),
+        "sha256": digest,
+    }
+
+
+def write_bundle(ctx: RunContext, precision: str | None = None) -> Path:
+    """Build the bundle of ``ctx``'s run and target, replacing any previous one; returns its directory."""
+    final = bundle_dir(ctx.run_dir, ctx.target.name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        manifest = _fill(ctx, work, precision)
+        files = sorted(p.name for p in work.iterdir())
+        manifest["files"] = {name: sha256_file(work / name) for name in files}
+        atomic.write_json(work / MANIFEST_FILE, manifest)
+        (work / SUMS_FILE).write_text(render_sums(work, [*files, MANIFEST_FILE]))
+        os.chmod(work, 0o755)
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(work, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def bundle_files(directory: Path, run_dir: Path) -> list[str]:
+    """The bundle's files relative to ``run_dir`` (a stage's ``*_files`` output)."""
+    return sorted(str(p.relative_to(run_dir)) for p in directory.iterdir() if p.is_file())

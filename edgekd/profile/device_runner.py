@@ -1,0 +1,164 @@
+"""Profile a bundle on the machine this runs on: ``python -m edgekd.profile.device_runner BUNDLE OUT.json``.
+
+Device-side entry point: imports only the standard library, numpy, the artifact's runtime and the
+numpy-only parts of edgekd (backends, profile.latency, profile.accuracy, bundle.checksums), so a
+device needs no torch, onnx or pydantic; :mod:`edgekd.profile.remote` ships exactly those files.
+It checks the bundle's checksums, then for every artifact whose runtime is installed measures
+latency with the project's protocol (warm-up, timed iterations, p50/p90/p99, threads) and accuracy
+on the bundle's ``eval.npz``, and writes JSON describing the device it ran on.
+
+Exit codes: 0 measured; 2 a bad bundle or argument (one line on stderr); 3 no runtime for any artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.backends import BACKENDS, Artifact
+from edgekd.backends.base import resolve_threads
+from edgekd.bundle.checksums import MANIFEST_FILE, SUMS_FILE, modified_files, read_sums
+from edgekd.errors import BundleError, EdgekdError
+from edgekd.profile.accuracy import evaluate_classifier
+from edgekd.profile.latency import measure_latency, peak_rss_mb
+
+EVAL_BATCH = 256
+EXIT_BAD_INPUT = 2
+EXIT_NO_RUNTIME = 3
+_RUNTIMES = ("numpy", "onnxruntime", "openvino", "tensorrt")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith(("model name", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def device_info() -> dict[str, Any]:
+    """Where the numbers were measured: hostname, arch, OS, CPU and the runtime versions installed."""
+    versions: dict[str, str | None] = {}
+    for name in _RUNTIMES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "hostname": socket.gethostname(),
+        "arch": platform.machine(),
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "runtimes": versions,
+    }
+
+
+def _load_bundle(bundle: Path) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    changed = modified_files(bundle, read_sums(bundle))
+    if changed:
+        raise BundleError(f"{bundle / changed[0]}: does not match {SUMS_FILE} (damaged in transfer?)")
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text(encoding="utf-8"))
+    eval_set = manifest.get("eval_set")
+    if eval_set is None:
+        return manifest, None
+    with np.load(bundle / eval_set["file"]) as arrays:
+        return manifest, {key: arrays[key] for key in arrays.files}
+
+
+def _model_input(manifest_inputs: list[dict[str, Any]], batch: int) -> np.ndarray:
+    spec = manifest_inputs[0]
+    shape = [batch, *(dim if isinstance(dim, int) and dim > 0 else 1 for dim in spec["shape"][1:])]
+    return np.random.default_rng(0).standard_normal(shape).astype(spec["dtype"])
+
+
+def profile_bundle(
+    bundle: Path, warmup: int, iterations: int, batch: int, threads: int | None, hint: str
+) -> dict[str, Any]:
+    """Latency and accuracy of each artifact of ``bundle`` whose runtime is installed here."""
+    manifest, eval_arrays = _load_bundle(bundle)
+    if not manifest["artifacts"]:
+        raise BundleError(f"{bundle} holds no built artifact (engines are built on the device first)")
+    count = resolve_threads(threads)
+    rows, skipped = [], []
+    for record in manifest["artifacts"]:
+        backend = BACKENDS.get(record["backend"])() if record["backend"] in BACKENDS else None
+        ok, why = backend.available() if backend else (False, f"no backend {record['backend']!r}")
+        if not ok:
+            skipped.append({"file": record["file"], "reason": why})
+            continue
+        options = {"hint": hint} if backend.hints else {}
+        artifact = Artifact(bundle / record["file"], record["backend"], record["precision"])
+        runner = backend.load(artifact, threads=count, **options)
+        accuracy = None
+        if eval_arrays is not None:
+            accuracy = evaluate_classifier(
+                runner, eval_arrays["x"], eval_arrays["y"], EVAL_BATCH, groups=eval_arrays.get("groups")
+            )
+            sample = np.ascontiguousarray(eval_arrays["x"][:batch])
+        else:
+            sample = _model_input(record["inputs"], batch)
+        latency = measure_latency(runner, sample, warmup, iterations)
+        info = {**runner.info, "artifact": record["file"]}
+        rows.append(
+            {
+                "file": record["file"],
+                "backend": record["backend"],
+                "precision": record["precision"],
+                "size_bytes": record["size_bytes"],
+                "accuracy": accuracy,
+                "latency": latency,
+                "runtime_info": info,
+            }
+        )
+    return {
+        "edgekd_device_profile": 1,
+        "device": device_info(),
+        "bundle": {"target": manifest["target"]["name"], "created": manifest["created"]},
+        "eval_frames": None if eval_arrays is None else len(eval_arrays["y"]),
+        "rows": rows,
+        "skipped": skipped,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgekd.profile.device_runner", description=__doc__)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("out", type=Path, help="JSON file written with the results")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--hint", default="latency", help="performance hint for runtimes that take one")
+    args = parser.parse_args(argv)
+    try:
+        result = profile_bundle(
+            args.bundle, args.warmup, args.iterations, args.batch, args.threads, args.hint
+        )
+    except EdgekdError as exc:
+        print(f"edgekd-device: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not result["rows"]:
+        reasons = "; ".join(f"{item['file']}: {item['reason']}" for item in result["skipped"])
+        print(f"edgekd-device: error: no runtime here loads any artifact ({reasons})", file=sys.stderr)
+        return EXIT_NO_RUNTIME
+    args.out.write_text(json.dumps(result, indent=2, default=lambda o: o.tolist()) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

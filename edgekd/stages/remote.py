@@ -1,0 +1,93 @@
+"""Stage 8: profile the bundle on a remote device over SSH, when one is given; else skipped.
+
+The device is ``device.host`` (``--device``) or the target file's ``device:``. Its rows join the
+report marked with the device they were measured on (hostname, arch, runtime versions it reports).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgekd import atomic
+from edgekd.pipeline import RunContext, Stage
+from edgekd.profile.remote import DeviceAddress, SshOptions, profile_remote
+from edgekd.recipe import Recipe
+from edgekd.targets import resolve_target
+
+RESULT_FILE = "device_profile.json"
+
+
+def device_host(recipe: Recipe) -> str | None:
+    return recipe.device.host or resolve_target(recipe.target).device
+
+
+def _config(recipe: Recipe) -> dict[str, Any]:
+    return {
+        "host": device_host(recipe),
+        "device": recipe.device.model_dump(mode="json"),
+        "profile": recipe.profile.model_dump(mode="json"),
+    }
+
+
+def _inputs(ctx: RunContext) -> list[Path]:
+    return [ctx.run_dir / name for name in ctx.output("bundle", "bundle_files")]
+
+
+def device_rows(ctx: RunContext, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The device's measurements as report rows (same fields as the profile stage's), marked with it."""
+    device = result["device"]
+    bundle = ctx.output("bundle", "bundle_dir")
+    return [
+        {
+            "name": f"student ({row['backend']} {row['precision'].upper()}) on {device['hostname']}",
+            "role": "student",
+            "model": ctx.output("distill", "model"),
+            "runtime": row["backend"],
+            "precision": row["precision"],
+            "size_bytes": row["size_bytes"],
+            "params": ctx.output("distill", "params"),
+            "flops": ctx.output("distill", "flops"),
+            "artifact": f"{bundle}/{row['file']}",
+            "accuracy": row["accuracy"],
+            "latency": row["latency"],
+            "runtime_info": row["runtime_info"],
+            "measured_on": device,
+        }
+        for row in result["rows"]
+    ]
+
+
+def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    host = device_host(ctx.recipe)
+    if host is None:
+        return {"skipped": "no device (set --device user@host[:port] or device.host)", "rows": []}
+    spec, profile = ctx.recipe.device, ctx.recipe.profile
+    address = DeviceAddress.parse(host)
+    options = SshOptions(
+        spec.known_hosts, spec.identity_file, spec.connect_timeout_s, spec.timeout_s, spec.remote_python
+    )
+    protocol = {
+        "warmup": profile.warmup,
+        "iterations": profile.iterations,
+        "batch": profile.batch_size,
+        "threads": profile.threads,
+        "hint": profile.openvino_hint,
+    }
+    ctx.log(f"  profiling on {address} over SSH")
+    result = profile_remote(ctx.run_dir / ctx.output("bundle", "bundle_dir"), address, options, protocol)
+    atomic.write_json(stage_dir / RESULT_FILE, result)
+    rows = device_rows(ctx, result)
+    for row in rows:
+        accuracy = "–" if row["accuracy"] is None else f"{row['accuracy']['accuracy']:.4f}"
+        ctx.log(f"  {row['name']}: accuracy {accuracy}, p50 {row['latency']['p50_ms']:.3f} ms")
+    return {
+        "device": result["device"],
+        "address": str(address),
+        "rows": rows,
+        "skipped_artifacts": result["skipped"],
+        "result_file": str((stage_dir / RESULT_FILE).relative_to(ctx.run_dir)),
+    }
+
+
+STAGE = Stage("remote", _run, _config, _inputs)
