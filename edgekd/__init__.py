@@ -14,3 +14,10 @@ def compress(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export of 
     from edgekd.api import compress as run
 
     return run(*args, **kwargs)
+
+
+def benchmark(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export of edgekd.hardware.benchmark
+    """Compress one student for several targets and compare them; see :func:`edgekd.hardware.benchmark`."""
+    from edgekd.hardware import benchmark as run
+
+    return run(*args, **kwargs)

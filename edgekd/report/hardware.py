@@ -7,6 +7,7 @@ here from the counted FLOPs, the measured throughput and the target's published 
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
@@ -17,6 +18,7 @@ from edgekd.report.svg import Point, pareto_front, pareto_svg
 # The target spec (targets/*.yaml ``specs``, tera-ops per second, dense) that bounds each precision.
 PEAK_SPEC = {"int8": "peak_int8_tops", "fp16": "peak_fp16_tflops", "fp32": "peak_fp32_tflops"}
 REFERENCE = "PyTorch reference"
+STAND_IN = "this host (stand-in)"  # a target of another arch, profiled here because no device was given
 
 
 def peak_ops_share(
@@ -65,10 +67,23 @@ def hardware_line(target: dict[str, Any]) -> str:
 
 
 def _row(source: dict[str, Any], group: str, target: Any, run: str) -> dict[str, Any]:
+    """One comparison row from a run's report row; ``target`` None for the PyTorch references."""
     device = source.get("measured_on")
     on_target = target is not None and (device is not None or target.matches_host())
+    measured_on = "this host" if on_target or target is None else STAND_IN
+    if device:
+        measured_on = device["hostname"]
+    if target is None:
+        share = {"value": None, "why": "reference model on this host"}
+    else:
+        share = peak_ops_share(
+            source.get("flops"),
+            source["latency"]["throughput_per_s"],
+            source["precision"],
+            target.specs,
+            on_target,
+        )
     lat, acc = source["latency"], source.get("accuracy")
-    memory = source.get("memory") or {}
     return {
         "target": None if target is None else target.name,
         "group": group,
@@ -76,7 +91,7 @@ def _row(source: dict[str, Any], group: str, target: Any, run: str) -> dict[str,
         "role": source["role"],
         "runtime": source["runtime"],
         "precision": source["precision"],
-        "measured_on": device["hostname"] if device else "this host",
+        "measured_on": measured_on,
         "on_target_hardware": on_target,
         "run": run,
         "latency": {
@@ -88,16 +103,8 @@ def _row(source: dict[str, Any], group: str, target: Any, run: str) -> dict[str,
         "size_bytes": source["size_bytes"],
         "params": source.get("params"),
         "flops": source.get("flops"),
-        "rss_added_mb": memory.get("rss_added_mb"),
-        "peak_ops_share": peak_ops_share(
-            source.get("flops"),
-            lat["throughput_per_s"],
-            source["precision"],
-            target.specs if target is not None else {},
-            on_target,
-        )
-        if target is not None
-        else {"value": None, "why": "reference model on this host"},
+        "rss_added_mb": (source.get("memory") or {}).get("rss_added_mb"),
+        "peak_ops_share": share,
         "layer_times": source.get("layer_times"),
     }
 
@@ -110,6 +117,8 @@ def _target_record(entry: dict[str, Any]) -> dict[str, Any]:
         not_measured = report.get("not_measured") or []
         measured = any("artifact" in row for row in report["rows"])
         status = "measured" if measured else "built, not measured here"
+        if measured and not target.matches_host() and report.get("device") is None:
+            status = "measured on this host as a stand-in (not the target's hardware)"
     return {
         **target.to_dict(),
         "hardware": hardware_line(target.to_dict()),
@@ -182,8 +191,6 @@ def pareto_plot(comparison: dict[str, Any]) -> str:
         for row in comparison["rows"]
         if row["accuracy"] is not None
     ]
-    if not points:
-        return pareto_svg([Point("", "nothing measured", "none", 1.0, 0.0)], "Nothing was measured")
     return pareto_svg(points, f"Accuracy vs latency (p50) — {comparison['run']}")
 
 
@@ -276,6 +283,8 @@ def _notes(comparison: dict[str, Any]) -> list[str]:
         "peak for that precision (targets/*.yaml `specs`); n/a when that peak is unknown or the row was "
         "not measured on the target's hardware.",
         "RSS added: resident memory this process gained while loading, evaluating and timing the artifact.",
+        f"'{STAND_IN}': the target's artifact run on this host because no --device was given; its "
+        "numbers are this host's, not the target's.",
     ]
     if proto:
         lines.append(
@@ -326,12 +335,13 @@ def render_markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_NUMERIC = re.compile(r"^([-+]?[\d.,]+( ?(%|B|KB|MB|GB))?|n/a|–|yes|)$")  # right-aligned cells
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th { background: #f0f0f0; }
-td:nth-child(2), td:nth-child(3), td:nth-child(4), th { text-align: left; }
+th, td.text { text-align: left; }
 tr.pareto td { background: #eef6ee; }
 code { font-size: 12px; }
 ul.notes { font-size: 13px; color: #444; }
@@ -345,7 +355,11 @@ def _html_table(
     body = []
     for index, row in enumerate(rows):
         cls = f' class="{classes[index]}"' if classes and classes[index] else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>")
+        cells = "".join(
+            f"<td>{escape(cell)}</td>" if _NUMERIC.match(cell) else f'<td class="text">{escape(cell)}</td>'
+            for cell in row
+        )
+        body.append(f"<tr{cls}>{cells}</tr>")
     return f'<table id="{css_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
@@ -360,12 +374,14 @@ def render_html(comparison: dict[str, Any]) -> str:
         f"<title>edgekd hardware-selection report — {escape(comparison['run'])}</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>edgekd hardware-selection report — {escape(comparison['run'])}</h1>",
-        f"<p>Created {escape(comparison['created'])}. {escape(_intro(comparison))}</p>",
+        f"<p>Created {escape(comparison['created'])}. {escape(_intro(comparison).replace('`', ''))}</p>",
         "<h2>Targets</h2>",
         _html_table(TARGET_HEADER, target_rows(comparison), "targets"),
         "<h2>Measurements</h2>",
         _html_table(MEASUREMENT_HEADER, rows, "measurements", classes),
-        '<ul class="notes">' + "".join(f"<li>{escape(line)}</li>" for line in _notes(comparison)) + "</ul>",
+        '<ul class="notes">'
+        + "".join(f"<li>{escape(line.replace('`', ''))}</li>" for line in _notes(comparison))
+        + "</ul>",
         "<h2>Accuracy vs latency</h2>",
         f'<figure id="pareto">{pareto_plot(comparison)}</figure>',
     ]

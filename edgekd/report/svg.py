@@ -62,14 +62,18 @@ def _log_ticks(low: float, high: float) -> tuple[float, float, list[float]]:
 
 
 def _fmt(value: float) -> str:
-    return f"{value:g}" if value >= 1e-3 else f"{value:.0e}"
+    return f"{value:g}" if value == 0 or value >= 1e-3 else f"{value:.0e}"
 
 
 def pareto_svg(points: Sequence[Point], title: str = "Accuracy vs latency (p50)") -> str:
     """The plot: one circle per point coloured by group, the Pareto front ringed and joined by a dashed
-    line, axes with ticks and labels (latency on a log scale when it spans more than 20x), a legend."""
+    line, axes with ticks and labels (latency on a log scale when it spans more than 20x), a legend.
+    Without points, one line saying that nothing was measured."""
     if not points:
-        raise ValueError("pareto_svg needs at least one point")
+        return (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="60" font-family="sans-serif">'
+            f'<text x="10" y="35">{escape(title)}: nothing was measured here.</text></svg>'
+        )
     xs, ys = [p.x for p in points], [p.y for p in points]
     log_x = min(xs) > 0 and max(xs) / min(xs) > 20
     x_lo, x_hi, x_ticks = _log_ticks(min(xs), max(xs)) if log_x else _linear_ticks(0.0, max(xs))
@@ -131,7 +135,9 @@ def pareto_svg(points: Sequence[Point], title: str = "Accuracy vs latency (p50)"
             f'<circle class="point{" front" if on_front else ""}" cx="{x:.1f}" cy="{y:.1f}" r="6" '
             f'fill="{colour[point.group]}"{ring}><title>{escape(point.label)}: p50 {point.x:.4g} ms, '
             f"accuracy {point.y:.4f}{' (Pareto front)' if on_front else ''}</title></circle>",
-            f'<text x="{x + 8:.1f}" y="{y - 7:.1f}" font-size="11">{escape(point.key)}</text>',
+            # labels alternate above and below their circle so neighbours' labels do not overprint
+            f'<text x="{x + 7:.1f}" y="{y - 8 if i % 2 == 0 else y + 16:.1f}" font-size="11">'
+            f"{escape(point.key)}</text>",
         ]
     legend_x = LEFT + plot_w + 20
     for i, group in enumerate(groups):
