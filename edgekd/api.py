@@ -104,3 +104,56 @@ def bundle(run_dir: Path | str, target: str | None = None, precision: str | None
     if precision is not None and precision not in ("fp32", "fp16", "int8"):
         raise RecipeError(f"--artifact {precision!r}: expected fp32, fp16 or int8")
     return write_bundle(ctx, precision)
+
+
+def search_student(
+    recipe: Recipe,
+    candidates: list[str],
+    budget: Any = None,
+    batch: int = 64,
+    out: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """DisWOT student search (see :mod:`edgekd.distill.search`) for the recipe's teacher and data.
+
+    The teacher comes from the recipe's teacher stage (its checkpoint, or trained on the labels as
+    ``compress`` would); the ranking is written to ``out`` (default ``models/search/<run name>.json``).
+    """
+    from edgekd import atomic
+    from edgekd.backends.base import resolve_threads
+    from edgekd.data import build_dataset
+    from edgekd.distill.search import LATENCY_PROTOCOL, Budget, check_candidates, rank_students
+    from edgekd.models import build_model
+    from edgekd.models.checkpoint import load_weights
+
+    names = check_candidates(candidates)  # unknown names fail before any training
+    budget = budget or Budget()
+    teacher_outputs = compress(recipe, until="teacher", log=log)["teacher"]
+    data = build_dataset(recipe.data, seed=recipe.seed)
+    meta = data[2]
+    shape = meta.input_shape
+    teacher = build_model(
+        recipe.teacher.model, len(meta.classes), shape[0], role="teacher", input_shape=shape
+    )
+    load_weights(teacher, recipe.run_dir / teacher_outputs["model_file"], recipe.teacher.model)
+    ranked = rank_students(teacher, names, data, budget, batch=batch, seed=recipe.seed, log=log)
+    out = out or Path("models/search") / f"{recipe.name}.json"
+    result = {
+        "method": "DisWOT (Dong, Li, Wei, CVPR 2023): semantic (Grad-CAM class Gram) + relation "
+        "(sample Gram) distances to the teacher, students at random init; lower is better",
+        "teacher": {
+            "model": recipe.teacher.model,
+            "origin": teacher_outputs["origin"],
+            "val_accuracy": teacher_outputs["val_accuracy"],
+            "checkpoint": str(recipe.run_dir / teacher_outputs["model_file"]),
+        },
+        "data": {"name": meta.name, "fingerprint": meta.fingerprint, "input_shape": list(meta.input_shape)},
+        "batch": min(batch, len(data[0])),
+        "seed": recipe.seed,
+        "budget": {"max_flops": budget.max_flops, "max_latency_ms": budget.max_latency_ms},
+        "latency_protocol": {**LATENCY_PROTOCOL, "threads": resolve_threads(budget.threads)},
+        "candidates": [candidate.to_dict() for candidate in ranked],
+        "out": str(out),
+    }
+    atomic.write_json(out, result)
+    return result

@@ -258,6 +258,82 @@ def methods() -> None:
     console.print(table)
 
 
+@app.command("search-student")
+def search_student(
+    candidates: Annotated[
+        str, typer.Option(help="comma-separated candidate students, e.g. timm:resnet10t,timm:ghostnet_050")
+    ],
+    teacher: Annotated[str | None, typer.Option(help="teacher model, e.g. timm:resnet18")] = None,
+    teacher_checkpoint: Annotated[
+        Path | None, typer.Option(help="trained teacher weights (else the teacher is trained on the labels)")
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="dataset, e.g. digits (default: the recipe's)")] = None,
+    data_path: Annotated[Path | None, typer.Option(help="dataset file or directory")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (teacher training, data)")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="run name for the teacher stage (default: <data>-search)")
+    ] = None,
+    max_flops: Annotated[int | None, typer.Option(help="exclude candidates above this many FLOPs")] = None,
+    max_latency_ms: Annotated[
+        float | None, typer.Option(help="exclude candidates above this PyTorch FP32 p50 latency, batch 1")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="threads for the latency measurement")] = None,
+    batch: Annotated[int, typer.Option(help="samples in the scoring batch")] = 64,
+    epochs: Annotated[int | None, typer.Option(help="teacher training epochs")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the batch, candidates' init and teacher")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="FIELD=VALUE recipe override (repeatable)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="JSON output (default: models/search/<name>.json)")] = None,
+) -> None:
+    """Rank candidate students for a teacher without training them (DisWOT); lower score is better."""
+    from edgekd.api import search_student as run_search
+    from edgekd.distill.search import Budget, check_candidates
+
+    names = check_candidates(candidates.split(","))
+    budget = Budget(max_flops=max_flops, max_latency_ms=max_latency_ms, threads=threads)
+    flags = {
+        "name": name or (f"{data}-search" if data is not None and recipe is None else None),
+        "data.name": data,
+        "data.path": data_path,
+        "teacher.model": teacher,
+        "teacher.checkpoint": teacher_checkpoint,
+        "teacher.train.epochs": epochs,
+        "seed": seed,
+    }
+    resolved = load_recipe(recipe, _overrides(flags, set_ or []))
+    result = run_search(resolved, names, budget, batch=batch, out=out, log=log)
+    table = Table(title=f"edgekd search-student · {result['teacher']['model']} · {result['data']['name']}")
+    columns = (
+        "rank",
+        "candidate",
+        "score",
+        "semantic",
+        "relation",
+        "params",
+        "FLOPs",
+        "p50 ms",
+        "within budget",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for row in result["candidates"]:
+        scored = row["score"] is not None
+        table.add_row(
+            str(row["rank"]) if row["rank"] is not None else "-",
+            row["name"],
+            f"{row['score']:.4f}" if scored else "-",
+            f"{row['semantic']:.4f}" if scored else "-",
+            f"{row['relation']:.4f}" if scored else "-",
+            f"{row['params'] / 1e6:.2f}M",
+            f"{row['flops'] / 1e6:.1f}M",
+            f"{row['latency_ms']:.2f}",
+            "yes" if row["within_budget"] else f"no: {row['excluded_because']}",
+        )
+    console.print(table)
+    console.print(f"lower score = more similar to the teacher; ranking: {result['out']}")
+
+
 @app.command()
 def bundle(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory, e.g. models/runs/radio-default")],
