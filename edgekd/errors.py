@@ -42,3 +42,15 @@ class BundleError(EdgekdError):
 
 class OutputError(EdgekdError):
     """An output directory cannot be created or written."""
+
+
+def first_line(error: BaseException | str, default: str | None = None) -> str:
+    """The first non-blank line of an exception's (or a text's) message, stripped: runtimes raise
+    multi-line messages, and an edgekd error is one line. ``default`` when there is none: the
+    exception's type name unless given."""
+    line = next((part.strip() for part in str(error).splitlines() if part.strip()), "")
+    if line:
+        return line
+    if default is not None:
+        return default
+    return type(error).__name__ if isinstance(error, BaseException) else ""

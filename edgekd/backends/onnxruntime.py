@@ -18,7 +18,7 @@ import numpy as np
 from edgekd.atomic import atomic_path
 from edgekd.backends import BACKENDS
 from edgekd.backends.base import PRECISIONS, Artifact, Backend, resolve_threads
-from edgekd.errors import ExportError, ModelError, QuantizeError, RecipeError
+from edgekd.errors import ExportError, ModelError, QuantizeError, RecipeError, first_line
 from edgekd.hashing import sha256_file
 from edgekd.profile.layers import summarize_layers
 
@@ -46,7 +46,7 @@ class OrtRunner:
         try:
             return self._session.run(self._output, {self._input: np.asarray(batch, dtype=self._dtype)})[0]
         except Exception as exc:  # onnxruntime raises its own exception types for bad inputs
-            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            first = first_line(exc, "")
             raise ModelError(f"{self._path} rejected a batch of shape {np.shape(batch)}: {first}") from exc
 
 
@@ -146,7 +146,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             return ort.InferenceSession(str(artifact.path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            first = next((line for line in str(exc).splitlines() if line.strip()), "")
+            first = first_line(exc, "")
             raise ModelError(f"onnxruntime cannot load {artifact.path}: {first}") from exc
 
     def layer_times(

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgekd.backends import BACKENDS
 from edgekd.backends.base import PRECISIONS, Artifact, Backend, resolve_threads
-from edgekd.errors import BackendUnavailable, ExportError, ModelError, QuantizeError, RecipeError
+from edgekd.errors import BackendUnavailable, ExportError, ModelError, QuantizeError, RecipeError, first_line
 from edgekd.hashing import sha256_file
 from edgekd.profile.layers import summarize_layers
 
@@ -28,10 +28,6 @@ if TYPE_CHECKING:
 
 INSTALL = "pip install -e '.[openvino]' (or pip install 'edgekd[openvino]')"
 DEVICE = "CPU"
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _type_name(value: Any) -> str:
@@ -59,7 +55,7 @@ class OpenVinoRunner:
             self._request.infer()
         except Exception as exc:  # openvino raises RuntimeError with multi-line messages
             raise ModelError(
-                f"{self._path} rejected a batch of shape {np.shape(batch)}: {_first_line(exc)}"
+                f"{self._path} rejected a batch of shape {np.shape(batch)}: {first_line(exc)}"
             ) from exc
         return self._request.get_output_tensor(0).data.copy()
 
@@ -142,7 +138,7 @@ class OpenVinoBackend(Backend):
         try:
             model = ov.convert_model(str(source))
         except Exception as exc:
-            raise ModelError(f"OpenVINO cannot convert {source}: {_first_line(exc)}") from exc
+            raise ModelError(f"OpenVINO cannot convert {source}: {first_line(exc)}") from exc
         metadata: dict[str, Any] = {
             "source": str(source),
             "format": "OpenVINO IR",
@@ -215,7 +211,7 @@ class OpenVinoBackend(Backend):
         try:
             return core, core.compile_model(str(artifact.path), DEVICE, config)
         except Exception as exc:
-            raise ModelError(f"OpenVINO cannot load {artifact.path}: {_first_line(exc)}") from exc
+            raise ModelError(f"OpenVINO cannot load {artifact.path}: {first_line(exc)}") from exc
 
     def layer_times(
         self,

@@ -33,10 +33,6 @@ INSTALL = (
 )
 
 
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-
-
 def _network_flags(trt: Any) -> int:
     """Explicit batch: the default (and only mode) from TensorRT 10, a flag before it."""
     if int(trt.__version__.split(".")[0]) >= 10:

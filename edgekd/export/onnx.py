@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from edgekd.atomic import atomic_path, write_text
-from edgekd.errors import ExportError
+from edgekd.errors import ExportError, first_line
 
 if TYPE_CHECKING:
     from torch import nn
@@ -119,7 +119,7 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
 
 
 def _first_line(text: str, limit: int = 200) -> str:
-    line = next((part.strip() for part in str(text).splitlines() if part.strip()), "")
+    line = first_line(text)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 

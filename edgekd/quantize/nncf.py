@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgekd.errors import QuantizeError
+from edgekd.errors import QuantizeError, first_line
 from edgekd.quantize.budget import AccuracyBudget
 from edgekd.quantize.calibration import CalibrationSet
 
@@ -117,8 +117,7 @@ def quantize_openvino(
                     **settings,
                 )
     except Exception as exc:
-        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        raise QuantizeError(f"NNCF quantisation failed: {type(exc).__name__}: {first}") from exc
+        raise QuantizeError(f"NNCF quantisation failed: {type(exc).__name__}: {first_line(exc, '')}") from exc
     record["fake_quantize_nodes"] = _fake_quantize_count(quantized)
     if budget is not None:
         fp32_accuracy, int8_accuracy = ov_accuracy(model, budget), ov_accuracy(quantized, budget)

@@ -22,16 +22,12 @@ from pathlib import Path
 import onnx
 
 from edgekd.atomic import atomic_path
-from edgekd.errors import QuantizeError
+from edgekd.errors import QuantizeError, first_line
 from edgekd.export.onnx import captured_output, failure_log_path, write_failure_log
 from edgekd.quantize.calibration import DEFAULT_BATCH, CalibrationSet
 
 METHODS = ("minmax", "entropy", "percentile")
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -117,7 +113,7 @@ def quantize_static_int8(
     try:
         fp32 = onnx.load(str(source))
     except Exception as exc:
-        raise QuantizeError(f"{source} is not a readable ONNX model: {_first_line(str(exc))}") from exc
+        raise QuantizeError(f"{source} is not a readable ONNX model: {first_line(exc, '')}") from exc
     if is_quantized(fp32):
         raise QuantizeError(f"{source} is already quantised (it holds QuantizeLinear/DequantizeLinear nodes)")
     unknown = sorted(set(exclude_nodes) - {node.name for node in fp32.graph.node})
@@ -146,7 +142,7 @@ def quantize_static_int8(
             quant_pre_process(str(source), str(prepared))
             model_input, preprocess = prepared, "ok"
         except Exception as exc:
-            model_input, preprocess = source, f"skipped: {type(exc).__name__}: {_first_line(str(exc))}"
+            model_input, preprocess = source, f"skipped: {type(exc).__name__}: {first_line(exc, '')}"
         if model_input == prepared and exclude_nodes:
             renamed = set(exclude_nodes) - {node.name for node in onnx.load(str(prepared)).graph.node}
             if renamed:  # graph optimisation fused or renamed them: quantise the raw model instead
@@ -178,7 +174,7 @@ def quantize_static_int8(
             except Exception as exc:
                 log = write_failure_log(target, "quantize", captured, exc)
                 raise QuantizeError(
-                    f"INT8 quantisation of {source} failed: {type(exc).__name__}: {_first_line(str(exc))} "
+                    f"INT8 quantisation of {source} failed: {type(exc).__name__}: {first_line(exc, '')} "
                     f"(full log: {log})"
                 ) from exc
     failure_log_path(target, "quantize").unlink(missing_ok=True)
