@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -49,12 +48,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from side_env import SideEnvironment  # benchmarks/ is on sys.path: the scripts run from there
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "vs_olive.json"
 USER_SCRIPT = HERE / "olive_user_script.py"
 OLIVE_VERSION = "0.13.0"
 OLIVE_ENV = HERE / ".envs" / "olive"
+# Olive sends usage telemetry unless told not to
+SIDE_ENV = SideEnvironment(OLIVE_ENV, {"OLIVE_DISABLE_TELEMETRY": "1"})
 # What olive-ai 0.13.0 imports on the path this benchmark runs (``olive.workflows.run`` with ONNX
 # quantisation, session tuning, custom + latency metrics, the TPE sampler), pinned to what its own
 # resolution picks; installed into OLIVE_ENV with --no-deps only when the .venv lacks the module.
@@ -83,45 +85,15 @@ FORBIDDEN = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "
 # --------------------------------------------------------------------------- Olive environment
 
 
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(OLIVE_ENV), env.get("PYTHONPATH")]))
-    env["OLIVE_DISABLE_TELEMETRY"] = "1"  # Olive sends usage telemetry unless told not to
-    return env
-
-
-def _importable(module: str) -> bool:
-    probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, env=_worker_env())
-    return probe.returncode == 0
-
-
-def _pip_target(*requirements: str) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--target",
-            str(OLIVE_ENV),
-            "--no-deps",
-            *requirements,
-        ],
-        check=True,
-    )
-
-
 def ensure_olive() -> dict[str, Any]:
     """Install olive-ai and the light modules it imports (those the .venv lacks) on first use."""
     installed: list[str] = []
     if not (OLIVE_ENV / f"olive_ai-{OLIVE_VERSION}.dist-info").is_dir():
-        _pip_target(f"olive-ai=={OLIVE_VERSION}")
+        SIDE_ENV.pip_install(f"olive-ai=={OLIVE_VERSION}")
         installed.append(f"olive-ai=={OLIVE_VERSION}")
     for requirement, module in LIGHT_REQUIREMENTS:
-        if not _importable(module):
-            _pip_target(requirement)
+        if not SIDE_ENV.importable(module):
+            SIDE_ENV.pip_install(requirement)
             installed.append(requirement)
     for forbidden in FORBIDDEN:
         if (OLIVE_ENV / forbidden).exists():
@@ -130,7 +102,7 @@ def ensure_olive() -> dict[str, Any]:
         [sys.executable, "-c", "import olive, olive.workflows; print(olive.__version__)"],
         capture_output=True,
         text=True,
-        env=_worker_env(),
+        env=SIDE_ENV.env(),
     )
     if probe.returncode != 0:
         raise RuntimeError(f"olive does not import from {OLIVE_ENV}:\n{probe.stderr[-2000:]}")
@@ -466,7 +438,7 @@ def run_olive(work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--olive-worker", str(config_file)],
-        env=_worker_env(),
+        env=SIDE_ENV.env(),
         capture_output=True,
         text=True,
     )

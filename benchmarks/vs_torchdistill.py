@@ -49,11 +49,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from side_env import SideEnvironment  # benchmarks/ is on sys.path: the scripts run from there
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "vs_torchdistill.json"
 TORCHDISTILL_VERSION = "1.1.5"
 TORCHDISTILL_ENV = HERE / ".envs" / "torchdistill"
+SIDE_ENV = SideEnvironment(TORCHDISTILL_ENV)
 # torchdistill's declared light requirements (distribution name, import name). Each is installed into
 # TORCHDISTILL_ENV (with --no-deps) only when the .venv lacks it AND the installed torchdistill source
 # actually imports it (1.1.5 declares scipy and cython but imports neither). torch / torchvision /
@@ -64,51 +66,22 @@ LIGHT_REQUIREMENTS = (("pyyaml", "yaml"), ("scipy", "scipy"), ("cython", "Cython
 # --------------------------------------------------------------------------- torchdistill environment
 
 
-def _importable(module: str) -> bool:
-    probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, env=_worker_env())
-    return probe.returncode == 0
-
-
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TORCHDISTILL_ENV), env.get("PYTHONPATH")]))
-    return env
-
-
-def _pip_target(*requirements: str) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--target",
-            str(TORCHDISTILL_ENV),
-            "--no-deps",
-            *requirements,
-        ],
-        check=True,
-    )
-
-
 def ensure_torchdistill() -> dict[str, Any]:
     """Install torchdistill (and only the light requirements it imports and the .venv lacks) on first use."""
     dist_info = TORCHDISTILL_ENV / f"torchdistill-{TORCHDISTILL_VERSION}.dist-info"
     installed: list[str] = []
     if not dist_info.is_dir():
-        _pip_target(f"torchdistill=={TORCHDISTILL_VERSION}")
+        SIDE_ENV.pip_install(f"torchdistill=={TORCHDISTILL_VERSION}")
         installed.append(f"torchdistill=={TORCHDISTILL_VERSION}")
     source = "\n".join(
         p.read_text(encoding="utf-8") for p in (TORCHDISTILL_ENV / "torchdistill").rglob("*.py")
     )
     skipped: list[str] = []
     for dist, module in LIGHT_REQUIREMENTS:
-        if _importable(module):
+        if SIDE_ENV.importable(module):
             continue
         if re.search(rf"^\s*(import|from)\s+{module}\b", source, re.MULTILINE | re.IGNORECASE):
-            _pip_target(dist)
+            SIDE_ENV.pip_install(dist)
             installed.append(dist)
         else:
             skipped.append(f"{dist} (declared, not imported by torchdistill {TORCHDISTILL_VERSION})")
@@ -348,7 +321,7 @@ def run_torchdistill(
     subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--torchdistill-worker", str(config_file)],
         check=True,
-        env=_worker_env(),
+        env=SIDE_ENV.env(),
     )
     result = json.loads((work / "torchdistill_result.json").read_text(encoding="utf-8"))
     result["process_wall_s"] = round(time.perf_counter() - start, 3)
