@@ -178,7 +178,8 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 if len(held_order):
-                    pick = np.resize(held_order, (batch_index + 1) * spec.batch_size)[-spec.batch_size :]
+                    cycle = batch_index * spec.batch_size + np.arange(spec.batch_size)
+                    pick = held_order[cycle % len(held_order)]  # the held-out slice, cycled
                     method.meta_step(model, (x, y, teacher_batch), (x_all[pick], y_all[pick]), state)
                 total += float(loss.detach())
                 batches += 1
