@@ -37,13 +37,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 DIGITS_VERSION = 1  # bump when the digits preprocessing changes (invalidates cached fingerprints)
 
 
+def _per_channel(values: tuple[float, ...]) -> np.ndarray:
+    """Channel statistics shaped (C, 1, 1) to broadcast over (..., C, H, W)."""
+    return np.asarray(values, dtype=np.float32).reshape(-1, 1, 1)
+
+
 def normalise_images(
     x: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> np.ndarray:
     """``(x - mean) / std`` per channel for images (..., C, H, W) with values in [0, 1]; float32."""
-    shape = (-1, 1, 1)
-    mean_ = np.asarray(mean, dtype=np.float32).reshape(shape)
-    std_ = np.asarray(std, dtype=np.float32).reshape(shape)
+    mean_, std_ = _per_channel(mean), _per_channel(std)
     return (np.asarray(x, dtype=np.float32) - mean_) / std_
 
 
@@ -51,9 +54,7 @@ def denormalise_images(
     x: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
 ) -> np.ndarray:
     """The inverse of :func:`normalise_images`: images back to [0, 1] values."""
-    shape = (-1, 1, 1)
-    mean_ = np.asarray(mean, dtype=np.float32).reshape(shape)
-    std_ = np.asarray(std, dtype=np.float32).reshape(shape)
+    mean_, std_ = _per_channel(mean), _per_channel(std)
     return np.asarray(x, dtype=np.float32) * std_ + mean_
 
 
