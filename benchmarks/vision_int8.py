@@ -1,23 +1,29 @@
-"""INT8 vs FP32 student vs FP32 teacher on the digits task, per student architecture and backend.
+"""INT8 vs FP32 student vs FP32 teacher, per task, student architecture and backend.
 
-One ResNet-18 teacher (timm, trained once on scikit-learn's digits at 32x32, or --teacher-checkpoint)
-is distilled (Hinton KD, the recipe's 15 epochs) into each student; every student is compiled and
+Tasks: ``digits`` (scikit-learn's 8x8 digits, built in) and ``mnist-folder`` (5,000 MNIST digits as a
+real ImageFolder of PNG files, written by ``benchmarks/mnist_folder.py`` and read through
+``data.name=imagefolder``, the path a user's own folder takes). Per task, one ResNet-18 teacher (timm,
+trained once at 32x32, or --teacher-checkpoint) is distilled (Hinton KD, the recipe's 15 epochs) into
+each student; every student is compiled and
 profiled for ONNX Runtime (x86-ort: FP32, INT8 QDQ) and OpenVINO (x86-openvino: FP32, FP16, NNCF
 INT8) through `edgekd benchmark`, so each backend's rows are measured in the same process, batch 1,
 all cores. Reported per student, backend and precision: held-out accuracy, p50 latency, the speedup
 over FP32 on the same backend and over the teacher in PyTorch FP32.
 
-Prints a table and writes benchmarks/results/vision_int8.json.
-    python benchmarks/vision_int8.py [--students timm:mobilenetv3_small_100 timm:resnet10t ...]
+Prints a table and writes benchmarks/results/vision_int8.json; rows of tasks not run this time are
+kept from the previous file.
+    python benchmarks/vision_int8.py [--tasks digits mnist-folder] [--students timm:resnet10t ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
+from mnist_folder import write_folder  # benchmarks/ is on sys.path: the scripts run from there
 from rich.table import Table
 
 from edgekd import atomic
@@ -29,15 +35,20 @@ from edgekd.report.build import environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vision_int8.json"
 STUDENTS = ["timm:mobilenetv3_small_100", "timm:resnet10t", "timm:efficientnet_b0"]
-BASE = ["data.name=digits", "teacher.model=timm:resnet18", "distill.method=kd"]
+BASE = ["teacher.model=timm:resnet18", "distill.method=kd"]
+TASKS = {
+    "digits": lambda: ["data.name=digits"],
+    "mnist-folder": lambda: ["data.name=imagefolder", f"data.path={write_folder()}"],
+}
 
 
-def _teacher(runs_dir: Path) -> Path:
-    out = compress(load_recipe(None, [*BASE, f"runs_dir={runs_dir}", "name=teacher"]), until="teacher")
+def _teacher(runs_dir: Path, task: list[str]) -> Path:
+    recipe = load_recipe(None, [*BASE, *task, f"runs_dir={runs_dir}", "name=teacher"])
+    out = compress(recipe, until="teacher")
     return runs_dir / "teacher" / out["teacher"]["model_file"]
 
 
-def _rows(student: str, report: dict) -> list[dict]:
+def _rows(task: str, student: str, report: dict) -> list[dict]:
     """Per compiled artifact: accuracy, p50 and the speedups, from one student's comparison report."""
     rows = [r for r in report["rows"] if r.get("latency") and r["latency"].get("p50_ms")]
     teacher = next(r for r in rows if r["role"] == "teacher")
@@ -49,6 +60,7 @@ def _rows(student: str, report: dict) -> list[dict]:
         p50 = row["latency"]["p50_ms"]
         out.append(
             {
+                "task": task,
                 "student": student,
                 "backend": row["runtime"],
                 "precision": row["precision"],
@@ -64,39 +76,45 @@ def _rows(student: str, report: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
     parser.add_argument("--students", nargs="+", default=STUDENTS)
     parser.add_argument("--teacher-checkpoint", type=Path, help="a trained timm:resnet18 digits teacher")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
     args = parser.parse_args()
-    runs_dir = Path(tempfile.mkdtemp(prefix="edgekd-vision-int8-"))
     rows: list[dict] = []
-    try:
-        teacher = args.teacher_checkpoint or _teacher(runs_dir)
-        for student in args.students:
-            console.print(f"== {student}")
-            name = student.split(":")[-1]
-            report = benchmark(
-                "x86-ort,x86-openvino",
-                overrides=[
-                    *BASE,
-                    *args.overrides,
-                    f"runs_dir={runs_dir}",
-                    f"name={name}",
-                    f"student.model={student}",
-                    f"teacher.checkpoint={teacher}",
-                ],
-                out=runs_dir / f"{name}-benchmark",
-                log=lambda _: None,
-            )
-            rows += _rows(student, report)
-    finally:
-        shutil.rmtree(runs_dir, ignore_errors=True)
+    for task in args.tasks:
+        runs_dir = Path(tempfile.mkdtemp(prefix=f"edgekd-vision-int8-{task}-"))
+        try:
+            task_overrides = [*TASKS[task](), *args.overrides]
+            teacher = args.teacher_checkpoint or _teacher(runs_dir, task_overrides)
+            for student in args.students:
+                console.print(f"== {task}: {student}")
+                name = student.split(":")[-1]
+                report = benchmark(
+                    "x86-ort,x86-openvino",
+                    overrides=[
+                        *BASE,
+                        *task_overrides,
+                        f"runs_dir={runs_dir}",
+                        f"name={name}",
+                        f"student.model={student}",
+                        f"teacher.checkpoint={teacher}",
+                    ],
+                    out=runs_dir / f"{name}-benchmark",
+                    log=lambda _: None,
+                )
+                rows += _rows(task, student, report)
+        finally:
+            shutil.rmtree(runs_dir, ignore_errors=True)
+    kept = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    rows = [row for row in kept if row["task"] not in args.tasks] + rows
 
-    table = Table(title="digits: INT8 vs FP32 student vs FP32 teacher (batch 1, p50)")
-    for column in ("student", "backend", "precision", "accuracy", "p50 ms", "vs FP32", "vs teacher"):
+    table = Table(title="INT8 vs FP32 student vs FP32 teacher (batch 1, p50)")
+    for column in ("task", "student", "backend", "precision", "accuracy", "p50 ms", "vs FP32", "vs teacher"):
         table.add_column(column)
     for row in rows:
         table.add_row(
+            row["task"],
             row["student"],
             row["backend"],
             row["precision"],
