@@ -4,11 +4,13 @@ Both run batch 1 on the CPU with the same performance hint and thread count, one
 request at a time (``benchmark_app -api sync``); edgekd's p50 is compared with benchmark_app's
 reported median. Goal: within 5 %. benchmark_app's median is the runtime's own per-request timing
 (``InferRequest.latency``), which leaves out the Python call around it; edgekd's p50 is wall-clock
-around ``runner.run`` (what an application sees), so the runtime-internal p50 of the same calls is
-reported too: a gap between the two is Python-side overhead, visible only on tiny models.
-By default the IRs are the radio student (edgekd:kd-cnn, random
-weights, (2, 128) frames) at FP32, FP16 and INT8 (NNCF, calibrated on random frames); pass --ir to
-measure your own (dynamic or batch-1 input).
+around ``runner.run`` (what an application sees), so the runtime-internal p50 of the same runner's
+calls is reported too: a gap between the two is Python-side overhead, visible only on tiny models.
+Each model and thread count runs ``--rounds`` interleaved rounds (edgekd, its runtime-internal
+figure, benchmark_app) and keeps each tool's median over the rounds, so drift on a shared machine
+falls on both tools alike.
+By default the IRs are those of :data:`MODELS` (random weights) at FP32, FP16 and INT8 (NNCF,
+calibrated on random frames); pass --ir to measure your own (dynamic or batch-1 input).
 
 Prints a table and writes benchmarks/results/latency_fidelity.json.
     python benchmarks/latency_fidelity.py [--ir model.xml ...] [--threads 1 2] [--iterations 2000]
@@ -30,13 +32,20 @@ from rich.table import Table
 
 from edgekd import atomic
 from edgekd.backends import Artifact, get_backend
-from edgekd.backends.base import default_threads
+from edgekd.backends.base import Runner, default_threads
 from edgekd.console import console
 from edgekd.profile.latency import measure_latency
 from edgekd.report.build import environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latency_fidelity.json"
 GOAL = 0.05
+# label -> (model, classes, input shape): two tiny students, where a fixed per-call cost in Python is
+# a visible share of a request, and a 224x224 ResNet-18, where it is not
+MODELS = {
+    "radio kd-cnn": ("edgekd:kd-cnn", 11, (2, 128)),
+    "mobilenetv3_small_100 32x32": ("timm:mobilenetv3_small_100", 10, (3, 32, 32)),
+    "resnet18 224x224": ("timm:resnet18", 1000, (3, 224, 224)),
+}
 _MEDIAN = re.compile(r"Median:\s*([0-9.]+)\s*(ms|us)")
 
 
@@ -49,25 +58,28 @@ def benchmark_app() -> str:
     return found
 
 
-def radio_irs(workdir: Path) -> list[Artifact]:
-    """The radio student's IR at fp32, fp16 and int8 (random weights; latency does not depend on them)."""
+def student_irs(workdir: Path) -> list[tuple[str, Artifact]]:
+    """Each default model's IR at fp32, fp16 and int8 (random weights; latency does not depend on them)."""
     import torch
 
     from edgekd.export import export_onnx
     from edgekd.models import build_model
     from edgekd.quantize import CalibrationSet
 
-    torch.manual_seed(0)
-    onnx_path = workdir / "student.onnx"
-    export_onnx(build_model("edgekd:kd-cnn", num_classes=11, in_channels=2), (2, 128), onnx_path)
-    calib = CalibrationSet(
-        np.random.default_rng(0).standard_normal((256, 2, 128)).astype(np.float32), "random", "none", 256, 16
-    )
     backend = get_backend("openvino")
-    return [
-        backend.compile(onnx_path, workdir, p, calib if p == "int8" else None)
-        for p in ("fp32", "fp16", "int8")
-    ]
+    irs = []
+    for label, (name, classes, shape) in MODELS.items():
+        torch.manual_seed(0)
+        folder = workdir / label.replace(" ", "-")
+        onnx_path = folder / "model.onnx"
+        export_onnx(build_model(name, num_classes=classes, in_channels=shape[0]), shape, onnx_path)
+        frames = np.random.default_rng(0).standard_normal((64, *shape)).astype(np.float32)
+        calib = CalibrationSet(frames, "random", "none", 64, 16)
+        for precision in ("fp32", "fp16", "int8"):
+            irs.append(
+                (label, backend.compile(onnx_path, folder, precision, calib if precision == "int8" else None))
+            )
+    return irs
 
 
 def static_copy(artifact: Artifact, workdir: Path) -> tuple[Artifact, list[int]]:
@@ -82,7 +94,7 @@ def static_copy(artifact: Artifact, workdir: Path) -> tuple[Artifact, list[int]]
     shape = [1] + [dim.get_length() for dim in list(model.input(0).get_partial_shape())[1:]]
     model.reshape(shape)
     target = workdir / "static" / artifact.path.name
-    target.parent.mkdir(exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(model, str(target), compress_to_fp16=False)
     return Artifact(target, artifact.backend, artifact.precision, {}), shape
 
@@ -111,40 +123,54 @@ def run_benchmark_app(xml: Path, info: dict, iterations: int, workdir: Path) -> 
     return median_ms, " ".join([*command[1:-3], json.dumps({"CPU": properties}), *command[-2:]])
 
 
+def iterations_for(runner: Runner, sample: np.ndarray, most: int, seconds: float) -> int:
+    """``most`` timed calls, or fewer (at least 100) where that many would take over ``seconds``."""
+    estimate = measure_latency(runner, sample, 5, 20)["p50_ms"] / 1e3
+    return int(min(most, max(100, seconds / estimate)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ir", type=Path, nargs="*", help="IR .xml files (default: the radio student)")
+    parser.add_argument("--ir", type=Path, nargs="*", help="IR .xml files (default: MODELS' IRs)")
     parser.add_argument("--threads", type=int, nargs="*", default=None, help="default: all cores")
     parser.add_argument("--hint", choices=("latency", "throughput"), default="latency")
-    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--iterations", type=int, default=2000, help="timed calls, at most (see --seconds)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="fewer iterations past this time each")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both tools")
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     backend = get_backend("openvino")
     with tempfile.TemporaryDirectory(prefix="edgekd-fidelity-") as workdir:
         artifacts = (
-            [Artifact(path, "openvino", "fp32", {}) for path in args.ir]
+            [(path.name, Artifact(path, "openvino", "fp32", {})) for path in args.ir]
             if args.ir
-            else radio_irs(Path(workdir))
+            else student_irs(Path(workdir))
         )
         rows = []
-        for original in artifacts:
-            artifact, shape = static_copy(original, Path(workdir))
+        for label, original in artifacts:
+            artifact, shape = static_copy(original, Path(workdir) / label.replace(" ", "-"))
             sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
             for threads in args.threads or [default_threads()]:
                 runner = backend.load(artifact, threads=threads, hint=args.hint)
-                ours = measure_latency(runner, sample, args.warmup, args.iterations)
-                internal = []
-                for _ in range(args.iterations):
-                    runner.run(sample)
-                    internal.append(runner.runtime_latency_ms)
-                internal_p50 = float(np.median(internal))
-                theirs, command = run_benchmark_app(
-                    artifact.path, runner.info, args.iterations, Path(workdir)
-                )
+                iterations = iterations_for(runner, sample, args.iterations, args.seconds)
+                ours_p50, internal_p50_rounds, theirs_median = [], [], []
+                for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both tools
+                    ours = measure_latency(runner, sample, args.warmup, iterations)
+                    ours_p50.append(ours["p50_ms"])
+                    internal = []
+                    for _ in range(iterations):
+                        runner.run(sample)
+                        internal.append(runner.runtime_latency_ms)
+                    internal_p50_rounds.append(float(np.median(internal)))
+                    median, command = run_benchmark_app(artifact.path, runner.info, iterations, Path(workdir))
+                    theirs_median.append(median)
+                ours = {**ours, "p50_ms": float(np.median(ours_p50))}
+                internal_p50, theirs = float(np.median(internal_p50_rounds)), float(np.median(theirs_median))
                 diff = ours["p50_ms"] / theirs - 1.0
                 rows.append(
                     {
+                        "model": label,
                         "ir": original.path.name if not args.ir else str(original.path),
                         "measured_as": "static batch-1 copy (both tools)",
                         "precision": None if args.ir else artifact.precision,
@@ -157,17 +183,23 @@ def main() -> None:
                         "runtime_internal_relative_diff": round(internal_p50 / theirs - 1.0, 4),
                         "within_goal": abs(diff) <= GOAL,
                         "edgekd_protocol": {k: ours[k] for k in ("warmup", "iterations", "batch", "threads")},
+                        "rounds": {
+                            "edgekd_p50_ms": ours_p50,
+                            "edgekd_runtime_internal_p50_ms": internal_p50_rounds,
+                            "benchmark_app_median_ms": theirs_median,
+                            "kept": "the median of the rounds, per tool",
+                        },
                         "runtime_info": runner.info,
                         "benchmark_app_command": command,
                     }
                 )
     table = Table(title=f"edgekd vs benchmark_app (batch 1, hint {args.hint}, sync)")
-    columns = ("IR", "precision", "threads", "edgekd p50 ms", "benchmark_app median ms", "diff", "≤5 %")
+    columns = ("model", "precision", "threads", "edgekd p50 ms", "benchmark_app median ms", "diff", "≤5 %")
     for column in (*columns, "runtime-internal p50 ms", "diff"):
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row["ir"], row["precision"] or "-", str(row["threads"]), f"{row['edgekd_p50_ms']:.4f}",
+            row["model"], row["precision"] or "-", str(row["threads"]), f"{row['edgekd_p50_ms']:.4f}",
             f"{row['benchmark_app_median_ms']:.4f}", f"{100 * row['relative_diff']:+.1f} %",
             "yes" if row["within_goal"] else "no", f"{row['edgekd_runtime_internal_p50_ms']:.4f}",
             f"{100 * row['runtime_internal_relative_diff']:+.1f} %",

@@ -12,7 +12,7 @@ over FP32 on the same backend and over the teacher in PyTorch FP32.
 
 Prints a table and writes benchmarks/results/vision_int8.json; rows of tasks not run this time are
 kept from the previous file.
-    python benchmarks/vision_int8.py [--tasks digits mnist-folder] [--students timm:resnet10t ...]
+    python benchmarks/vision_int8.py [--tasks digits mnist-folder] [--folder DIR] [--students ...]
 """
 
 from __future__ import annotations
@@ -77,15 +77,20 @@ def _rows(task: str, student: str, report: dict) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--folder", type=Path, help="also run your own ImageFolder DIR as task 'folder:DIR'")
     parser.add_argument("--students", nargs="+", default=STUDENTS)
     parser.add_argument("--teacher-checkpoint", type=Path, help="a trained timm:resnet18 digits teacher")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
     args = parser.parse_args()
+    tasks = {name: TASKS[name] for name in args.tasks}
+    if args.folder is not None:
+        folder = args.folder.resolve()
+        tasks[f"folder:{folder}"] = lambda: ["data.name=imagefolder", f"data.path={folder}"]
     rows: list[dict] = []
-    for task in args.tasks:
-        runs_dir = Path(tempfile.mkdtemp(prefix=f"edgekd-vision-int8-{task}-"))
+    for task, task_data in tasks.items():
+        runs_dir = Path(tempfile.mkdtemp(prefix="edgekd-vision-int8-"))
         try:
-            task_overrides = [*TASKS[task](), *args.overrides]
+            task_overrides = [*task_data(), *args.overrides]
             teacher = args.teacher_checkpoint or _teacher(runs_dir, task_overrides)
             for student in args.students:
                 console.print(f"== {task}: {student}")
@@ -107,7 +112,7 @@ def main() -> None:
         finally:
             shutil.rmtree(runs_dir, ignore_errors=True)
     kept = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
-    rows = [row for row in kept if row["task"] not in args.tasks] + rows
+    rows = [row for row in kept if row["task"] not in tasks] + rows
 
     table = Table(title="INT8 vs FP32 student vs FP32 teacher (batch 1, p50)")
     for column in ("task", "student", "backend", "precision", "accuracy", "p50 ms", "vs FP32", "vs teacher"):

@@ -116,6 +116,19 @@ def test_fp32_and_fp16_match_onnxruntime(compiled, onnx_path, held_out) -> None:
 
 
 @needs_openvino
+def test_runner_reads_the_bound_array_afresh_at_every_call(compiled, onnx_path, held_out) -> None:
+    """The input tensor is bound once per array and shares its memory: in-place edits are seen."""
+    runner = get_backend("openvino").load(compiled["fp32"], threads=1)
+    batch = held_out[0][:8].copy()
+    first = runner.run(batch)
+    batch[:] = held_out[0][8:16]  # same array object, new values
+    np.testing.assert_allclose(runner.run(batch), ort_logits(onnx_path, batch), atol=1e-4)
+    other = held_out[0][16:20].copy()  # another array (and batch size) is bound anew
+    np.testing.assert_allclose(runner.run(other), ort_logits(onnx_path, other), atol=1e-4)
+    np.testing.assert_allclose(runner.run(held_out[0][:8]), first, atol=1e-6)
+
+
+@needs_openvino
 def test_int8_by_nncf_agrees_with_fp32(compiled, onnx_path, held_out, calib) -> None:
     x, y = held_out
     fp32 = ort_logits(onnx_path, x).argmax(1)
