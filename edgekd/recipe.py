@@ -75,6 +75,11 @@ class AugmentSpec(Section):
     enabled: bool = Field(False, description="train on augmented variants (variant 0 is the sample itself)")
     variants: int = Field(4, ge=1, le=64, description="variants per sample in the bank (K)")
     seed: int = Field(0, description="seeds the variants' parameters; part of the teacher-cache key")
+    policy: Literal["default", "timm"] = Field(
+        "default",
+        description="default: per input kind (IQ: phase + time shift; images: shifts, flips where "
+        "mirror-invariant); timm: timm's standard image train augmentation (crop, flip, colour jitter)",
+    )
 
 
 class DistillSpec(Section):

@@ -64,6 +64,7 @@ def test_manifest_describes_artifacts_preprocessing_quantisation(tiny_run: Path,
     assert manifest["inputs"][0]["name"] == graph.input[0].name
     assert manifest["labels"] == report["data"]["classes"] and len(manifest["labels"]) == 11
     assert manifest["preprocessing"] == report["data"]["normalisation"]
+    assert manifest["training"] == {"method": report["student"]["method"], "augmentation": None}
     quant = manifest["quantization"]
     assert quant["scheme"] == "QDQ" and quant["per_channel"] is True
     assert quant["symmetric_activations"] is False and quant["calibration"]["samples_used"] == 32

@@ -12,8 +12,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from edgekd.data import DATASETS, build_dataset, raw_and_preprocess
-from edgekd.data.augment import ImageAugmentationBank, IQAugmentationBank, augmentation_bank
-from edgekd.data.vision import IMAGENET_MEAN, IMAGENET_STD, denormalise_images
+from edgekd.data.augment import (
+    ImageAugmentationBank,
+    IQAugmentationBank,
+    TimmAugmentationBank,
+    augmentation_bank,
+)
+from edgekd.data.vision import IMAGENET_MEAN, IMAGENET_STD, denormalise_images, normalise_images
 from edgekd.errors import DataError
 from edgekd.recipe import DataSpec
 from tests.test_cli import assert_user_error, run_cli
@@ -227,3 +232,56 @@ def test_augmentation_bank_follows_the_input_kind() -> None:
     assert np.abs(bank.shift).max() <= 4  # 32 // 8
     _, _, radio = build_dataset(DataSpec(frames_per_class_snr=2), seed=0)
     assert isinstance(augmentation_bank(radio, samples=4, variants=3, seed=0), IQAugmentationBank)
+
+
+def _timm_bank(samples: int, variants: int, seed: int = 0, flip: bool = True) -> TimmAugmentationBank:
+    return TimmAugmentationBank(samples, variants, seed, flip, list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def test_timm_bank_crops_by_its_box_and_keeps_variant_zero() -> None:
+    """A horizontal ramp image: a crop's mean is the ramp's value at the box's centre (flips keep it)."""
+    bank = _timm_bank(samples=8, variants=6, seed=1)
+    bank.jitter[:] = 1.0  # geometry only
+    side = 64
+    ramp = np.broadcast_to((np.arange(side) + 0.5) / side, (3, side, side))
+    x = torch.from_numpy(normalise_images(np.stack([ramp] * 8)))
+    indices = np.arange(8)
+    torch.testing.assert_close(bank.apply(x, indices, np.zeros(8, int)), x)
+    for variant in range(1, 6):
+        out = denormalise_images(bank.apply(x, indices, np.full(8, variant)).numpy())
+        width, centre = bank.theta[variant, :, 0, 0].abs().numpy(), bank.theta[variant, :, 0, 2].numpy()
+        np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), (centre + 1) / 2, atol=0.02)
+        spread = out[:, 0, 0, -1] - out[:, 0, 0, 0]  # right edge minus left edge of the crop
+        np.testing.assert_allclose(np.abs(spread), width * (side - 1) / side, atol=0.03)
+    area = bank.theta[1:, :, 0, 0].abs() * bank.theta[1:, :, 1, 1]
+    assert area.min() >= 0.08 - 1e-6 and area.max() <= 1.0 and (bank.theta[1:, :, 0, 0] < 0).any()
+
+
+def test_timm_bank_jitters_brightness_contrast_saturation_within_04() -> None:
+    bank = _timm_bank(samples=4, variants=5, seed=2, flip=False)
+    bank.theta[:] = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])  # no crop: colour only
+    gray = np.full((4, 3, 8, 8), 0.5, dtype=np.float32)  # a grey image: only brightness changes it
+    x = torch.from_numpy(normalise_images(gray))
+    for variant in range(1, 5):
+        out = denormalise_images(bank.apply(x, np.arange(4), np.full(4, variant)).numpy())
+        np.testing.assert_allclose(
+            out[:, :, 0, 0], np.repeat(0.5 * bank.jitter[variant, :, :1], 3, axis=1), atol=1e-5
+        )
+    assert bank.jitter.min() >= 0.6 and bank.jitter.max() <= 1.4
+    assert not (bank.theta[..., 0, 0] < 0).any()  # flip=False: never mirrored
+    again = _timm_bank(samples=4, variants=5, seed=2, flip=False)
+    assert np.array_equal(again.jitter, bank.jitter) and not np.array_equal(
+        _timm_bank(4, 5, 3).jitter, bank.jitter
+    )
+
+
+def test_augmentation_policy_timm_is_for_images_and_is_described() -> None:
+    _, _, digits = build_dataset(DIGITS, seed=0)
+    bank = augmentation_bank(digits, samples=4, variants=3, seed=0, policy="timm")
+    assert isinstance(bank, TimmAugmentationBank) and not bank.flips  # digits are not mirror-invariant
+    described = bank.describe()
+    assert described["policy"] == "timm" and "RandomResizedCrop" in described["ops"][0]
+    assert not any("flip" in op for op in described["ops"]) and "ColorJitter 0.4" in described["ops"][-1]
+    _, _, radio = build_dataset(DataSpec(frames_per_class_snr=2), seed=0)
+    with pytest.raises(DataError, match="distill.augment.policy='timm' applies to images"):
+        augmentation_bank(radio, samples=4, variants=3, seed=0, policy="timm")

@@ -70,6 +70,7 @@ def test_report_has_every_row_with_real_numbers(small_run):
     }
     markdown = (run_dir / "report.md").read_text()
     assert "Accuracy per SNR" in markdown and "student (onnxruntime INT8)" in markdown
+    assert "- Augmentation: none (`distill.augment.enabled: false`)." in markdown
     assert "student (onnxruntime INT8)" in result.stdout  # the terminal summary table
 
 
@@ -104,7 +105,14 @@ def test_augmentation_bank_and_semi_supervised_run_through_the_cli(small_run):
     first = run_cli(*common, "--name", "aug", *aug)
     assert first.returncode == 0, first.stderr
     record = json.loads((runs / "aug" / "02-distill" / "stage.json").read_text())["outputs"]
-    assert record["augment"] == {"enabled": True, "variants": 3, "seed": 0}
+    assert record["augment"] == {
+        "enabled": True,
+        "variants": 3,
+        "seed": 0,
+        "policy": "default",
+        "ops": ["carrier phase rotation U(0, 2π)", "circular time shift U{0..L-1} samples"],
+        "as_in": "variant 0 is the frame itself",
+    }
     assert record["teacher_cache"]["used"] and not record["teacher_cache"]["hit"]
     cache = runs.parent / "cache" / "teacher" / record["teacher_cache"]["key"]
     train_frames = round(11 * 20 * 6 * 0.75)

@@ -20,6 +20,7 @@ from edgekd.models import build_model, model_factory
 from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.recipe import DistillSpec
 from tests.test_cli import EDGEKD, assert_user_error, run_cli
+from tests.test_openvino import needs_openvino
 
 ARCHITECTURES = ("resnet18", "mobilenetv3_small_100", "efficientnet_b0")
 
@@ -191,3 +192,29 @@ def test_digits_pipeline_with_timm_models_through_the_cli(tmp_path: Path) -> Non
     assert report["quantization"]["quantization"]["calibration"]["samples_used"] == 64
     markdown = (tmp_path / "digits" / "report.md").read_text()
     assert "per SNR" not in markdown and "image-mean-std" not in markdown and "ImageNet" in markdown
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_accuracy_controlled_int8_of_a_timm_student_for_openvino(tmp_path: Path) -> None:
+    """NNCF accuracy control on a vision model: MobileNetV3 INT8 within a 1-point budget, or says not;
+    distilled with timm's standard augmentation, which the report and the bundle record."""
+    overrides = ["--target", "x86-openvino", "--set", f"runs_dir={tmp_path}"]
+    overrides += ["--set", "distill.augment.enabled=true", "--set", "distill.augment.policy=timm"]
+    budget = ["--set", "quantize.max_accuracy_drop=0.01", "--set", "quantize.accuracy_samples=200"]
+    result = run_cli(DIGITS_RUN[0], *DIGITS_RUN[3:], *overrides, *budget)  # DIGITS_RUN[1:3]: --target cpu
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    report = json.loads((tmp_path / "digits" / "report.json").read_text())
+    int8 = next(a for a in report["artifacts"] if a["precision"] == "int8")
+    control = int8["metadata"]["quantization"]["accuracy_control"]
+    assert control["budget"]["max_drop"] == 0.01 and control["budget"]["frames"] == 200
+    assert 0 <= control["int8_accuracy"] <= 1 and 0 <= control["fp32_accuracy"] <= 1
+    assert control["drop_after"] == pytest.approx(control["fp32_accuracy"] - control["int8_accuracy"])
+    assert control["met"] == (control["drop_after"] <= 0.01)
+    rows = {row["name"]: row for row in report["rows"]}
+    assert 0 <= rows["student (openvino INT8)"]["accuracy"]["accuracy"] <= 1
+    augmentation = report["student"]["augment"]
+    assert augmentation["policy"] == "timm" and augmentation["variants"] == 4
+    assert "- Augmentation (`timm`, 4 fixed variants" in (tmp_path / "digits" / "report.md").read_text()
+    manifest = json.loads((tmp_path / "digits" / "bundle" / "x86-openvino" / "manifest.json").read_text())
+    assert manifest["training"]["augmentation"] == augmentation

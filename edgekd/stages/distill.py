@@ -54,7 +54,9 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     train_set = hide_labels(train_set, spec.label_fraction, recipe.seed)
     augment = spec.augment.model_dump() if spec.augment.enabled else None
     bank = (
-        augmentation_bank(meta, len(train_set), spec.augment.variants, spec.augment.seed) if augment else None
+        augmentation_bank(meta, len(train_set), spec.augment.variants, spec.augment.seed, spec.augment.policy)
+        if augment
+        else None
     )
 
     teacher_outputs, cache_info = None, {"enabled": spec.teacher_cache, "used": False, "hit": False}
@@ -99,7 +101,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "best_epoch": best["epoch"],
         "resumed_from_epoch": result.resumed_from_epoch,
         "teacher_cache": cache_info,
-        "augment": augment,
+        "augment": None if bank is None else {**augment, **bank.describe()},
         "label_fraction": spec.label_fraction,
         "history": result.history,
     }
