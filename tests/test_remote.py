@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from edgekd.api import compress
+from edgekd.backends.trtexec import EXIT_NO_TRTEXEC
 from edgekd.errors import DeviceError
 from edgekd.profile.remote import DeviceAddress, SshOptions, payload, profile_remote
 from tests.test_bundle import TINY, tiny_run  # noqa: F401 - the shared session fixture
@@ -92,13 +93,8 @@ def test_remote_profile_of_the_bundle_over_ssh(sshd, tiny_run: Path):  # noqa: F
 
 
 def test_compress_with_device_puts_device_rows_in_the_report(sshd, tiny_run: Path):  # noqa: F811
-    address, options, tmp = sshd
-    device = [
-        f"device.host={address}",
-        f"device.known_hosts={options.known_hosts}",
-        f"device.identity_file={options.identity_file}",
-        f"device.remote_python={sys.executable}",
-    ]
+    address, options, _ = sshd
+    device = _device_overrides(address, options)
     report = compress(None, [f"runs_dir={tiny_run.parent}", "name=tiny", *TINY, *device], log=lambda _: None)
     remote = [row for row in report["rows"] if "measured_on" in row]
     host = socket.gethostname()
@@ -113,6 +109,48 @@ def test_compress_with_device_puts_device_rows_in_the_report(sshd, tiny_run: Pat
     )
     assert report["stages"]["remote"]["cached"] is False and report["stages"]["compile"]["cached"] is True
     assert f"on {host}" in (tiny_run / "report.md").read_text()
+
+
+def _device_overrides(address: DeviceAddress, options: SshOptions) -> list[str]:
+    return [
+        f"device.host={address}",
+        f"device.known_hosts={options.known_hosts}",
+        f"device.identity_file={options.identity_file}",
+        f"device.remote_python={sys.executable}",
+    ]
+
+
+def test_jetson_bundle_builds_engines_on_the_device_and_reports_missing_trtexec(
+    sshd,
+    tiny_run: Path,  # noqa: F811
+    tmp_path: Path,
+):
+    """The device runs build_engine.sh; without trtexec every engine is 'not built on <host>' in one
+    line, and the run still finishes with those reasons in the remote stage and the report."""
+    if shutil.which("trtexec") or Path("/usr/src/tensorrt/bin/trtexec").exists():
+        pytest.skip("trtexec is installed here: the loopback 'device' would really build the engines")
+    address, options, _ = sshd
+    shutil.copytree(tiny_run, tmp_path / "tiny")  # teacher, student and export come from its cache
+    overrides = [f"runs_dir={tmp_path}", "name=tiny", *TINY, "target=jetson"]
+    report = compress(None, [*overrides, *_device_overrides(address, options)], log=lambda _: None)
+    host = socket.gethostname()
+    assert not [row for row in report["rows"] if "measured_on" in row]
+    on_device = [item for item in report["not_measured"] if item["name"].endswith(f" on {host}")]
+    assert [item["name"] for item in on_device] == [
+        f"student (tensorrt {precision}) on {host}" for precision in ("FP32", "FP16", "INT8")
+    ]
+    for item in on_device:
+        why = item["why"]
+        assert why.startswith(f"not built on {host}: trtexec not found on the device's PATH"), why
+        assert "install TensorRT" in why and "\n" not in why and item["profiled"] is False
+    build = report["device_engine_build"]
+    assert build["exit_code"] == EXIT_NO_TRTEXEC and build["built"] == []
+    remote = json.loads(next((tmp_path / "tiny").glob("*-remote/stage.json")).read_text())["outputs"]
+    assert remote["rows"] == [] and remote["not_measured"] == on_device
+    markdown = (tmp_path / "tiny" / "report.md").read_text()
+    section = markdown.split("## Not measured", 1)[1].split("\n## ", 1)[0]
+    assert all(f"- {item['name']}: {item['why']}." in section for item in on_device)
+    assert f"Device {host} (" in markdown and "nothing could be measured there" in markdown
 
 
 def test_unknown_host_key_is_refused_with_keyscan_hint(sshd, tiny_run: Path):  # noqa: F811

@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import pytest
 
 from edgekd.backends import BACKENDS, get_backend
 from edgekd.backends.trtexec import (
+    EXIT_NO_TRTEXEC,
     EngineJob,
     EngineOptions,
     onnx_input,
@@ -34,6 +37,9 @@ from tests.test_end_to_end import SMALL
 from tests.test_quantize import INPUT_SHAPE, calib, fp32_model, tones, workdir  # noqa: F401 (fixtures)
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+HAS_CUDA_PYTHON = importlib.util.find_spec("cuda") is not None and (
+    importlib.util.find_spec("cuda.bindings") is not None
+)
 TRT_OK, TRT_WHY = BACKENDS.get("tensorrt")().available()
 needs_gpu = pytest.mark.skipif(
     not TRT_OK, reason=f"TensorRT engines need TensorRT and a CUDA device: {TRT_WHY}"
@@ -57,6 +63,21 @@ def test_unavailable_names_the_missing_module() -> None:
     assert not ok and "tensorrt" in why and "cannot be imported" in why
     with pytest.raises(BackendUnavailable, match="backend 'tensorrt' is unavailable: .*tensorrt"):
         get_backend("trt")
+
+
+@pytest.mark.skipif(not HAS_CUDA_PYTHON, reason="cuda-python is not installed (pip install cuda-python)")
+@pytest.mark.skipif(TRT_OK, reason="TensorRT and a CUDA device are here")
+def test_without_a_gpu_the_reason_names_the_missing_cuda_device() -> None:
+    """cuda-python loads here but finds no device: one line saying so; torch is never imported."""
+    code = (
+        "import sys; from edgekd.backends import BACKENDS; "
+        "print(BACKENDS.get('tensorrt')().available()[1]); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    why, torch_imported = out.stdout.strip().split("\n")
+    assert torch_imported == "False" and "cuda-python cannot be imported" not in why
+    assert re.search(r"no (usable )?CUDA device: ", why), why
+    assert why.startswith("the tensorrt Python module cannot be imported") == (not HAS_TENSORRT)
 
 
 @pytest.mark.skipif(TRT_OK, reason="TensorRT and a CUDA device are here")
@@ -133,6 +154,15 @@ def test_build_script(tmp_path, fp32_model, trt_qdq, dla) -> None:  # noqa: F811
         for j in jobs
     ]
     assert received == [trtexec_arguments(job) for job in relative]
+
+    # Without trtexec (none on PATH, none at TRTEXEC): one actionable line and its own exit code.
+    env = {**os.environ, "TRTEXEC": str(tmp_path / "no-trtexec"), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == EXIT_NO_TRTEXEC and run.stdout == ""
+    assert run.stderr.strip() == (
+        f"trtexec not found on the device's PATH (nor at {tmp_path / 'no-trtexec'}); install TensorRT "
+        "(on a Jetson: sudo apt install nvidia-jetpack) or set TRTEXEC=/path/to/trtexec"
+    )
 
 
 # ---------------------------------------------------------------- TensorRT's QDQ rules

@@ -2,9 +2,10 @@
 
 INT8 is explicit quantisation: the engine is built from the quantize stage's symmetric QDQ ONNX
 (builder flags INT8 + FP16, no calibrator), so the INT8 ranges are the ones calibrated and recorded
-there. Written against the TensorRT 10 Python API (JetPack 6 ships 10.3). ``tensorrt`` and ``torch``
-are imported inside methods; device buffers are torch CUDA tensors (no pycuda needed) and inference
-runs on a torch CUDA stream with ``execute_async_v3``.
+there. Written against the TensorRT 10 Python API (JetPack 6 ships 10.3). ``tensorrt`` is imported
+inside methods; device buffers, the stream and CUDA events come from NVIDIA's cuda-python
+(:mod:`edgekd.backends.cuda_runtime`, no torch or pycuda), and inference runs with
+``set_tensor_address`` + ``execute_async_v3`` on that stream.
 
 Without TensorRT or a CUDA device here, the compile stage still writes the ONNX files and
 ``build_engine.sh`` (see :mod:`edgekd.backends.trtexec`): ``builds_without_runtime`` says so.
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgekd import atomic
-from edgekd.backends import BACKENDS
+from edgekd.backends import BACKENDS, cuda_runtime
 from edgekd.backends.base import PRECISIONS, Artifact, Backend
+from edgekd.backends.cuda_runtime import DeviceBuffer, Stream
 from edgekd.backends.trtexec import TIMING_CACHE, EngineOptions, onnx_input
 from edgekd.errors import BackendUnavailable, ExportError, ModelError, QuantizeError, RecipeError
 from edgekd.hashing import sha256_file
@@ -28,8 +30,9 @@ if TYPE_CHECKING:
     from edgekd.quantize.calibration import CalibrationSet
 
 INSTALL = (
-    "on a Jetson, JetPack provides it (sudo apt install nvidia-jetpack; python3-libnvinfer); on an x86 "
-    "NVIDIA GPU host, pip install tensorrt; or build the engines on the device with build_engine.sh"
+    "on a Jetson, JetPack provides TensorRT (sudo apt install nvidia-jetpack; python3-libnvinfer) and "
+    "pip install cuda-python; on an x86 NVIDIA GPU host, pip install tensorrt and pip install -e "
+    "'.[tensorrt]' (cuda-python); or build the engines on the device with build_engine.sh"
 )
 
 
@@ -40,34 +43,25 @@ def _network_flags(trt: Any) -> int:
     return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
 
 
-def _torch_dtype(trt: Any, torch: Any, dtype: Any) -> Any:
-    table = {
-        trt.DataType.FLOAT: torch.float32,
-        trt.DataType.HALF: torch.float16,
-        trt.DataType.INT8: torch.int8,
-        trt.DataType.INT32: torch.int32,
-        trt.DataType.BOOL: torch.bool,
-    }
-    if hasattr(trt.DataType, "INT64"):
-        table[trt.DataType.INT64] = torch.int64
-    if dtype not in table:
-        raise ModelError(f"TensorRT I/O tensor of type {dtype} is not supported by edgekd's runner")
-    return table[dtype]
+def _numpy_dtype(trt: Any, dtype: Any) -> np.dtype:
+    try:
+        return np.dtype(trt.nptype(dtype))
+    except TypeError:
+        raise ModelError(f"TensorRT I/O tensor of type {dtype} is not supported by edgekd's runner") from None
 
 
 class TensorRtRunner:
-    """One execution context; input and outputs live in torch CUDA tensors, work runs on one stream.
+    """One execution context; input and outputs live in ``cudaMalloc`` buffers, work runs on one stream.
 
     ``run`` copies a batch in, executes and copies the first output back (synchronous). For
     device-side timing with CUDA events, ``prepare(batch)`` copies a batch in once and ``enqueue()``
-    only launches the engine on ``stream``.
+    only launches the engine on ``stream`` (a :class:`~edgekd.backends.cuda_runtime.Stream`).
     """
 
     def __init__(self, engine: Any, context: Any, info: dict[str, Any], keep_alive: tuple) -> None:
         import tensorrt as trt
-        import torch
 
-        self._trt, self._torch = trt, torch
+        self._trt = trt
         self._engine, self._context, self._keep_alive = engine, context, keep_alive
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -75,10 +69,11 @@ class TensorRtRunner:
         if len(inputs) != 1 or not self._outputs:
             raise ModelError(f"{info['artifact']}: expected one input and outputs, found inputs {inputs}")
         self._input = inputs[0]
-        self._input_dtype = _torch_dtype(trt, torch, engine.get_tensor_dtype(self._input))
-        self._buffers: dict[str, Any] = {}
+        self._input_dtype = _numpy_dtype(trt, engine.get_tensor_dtype(self._input))
+        self._buffers: dict[str, DeviceBuffer] = {}
+        self._output = np.empty(0, np.float32)  # host copy of the first output, shaped by _bind
         self._shape: tuple[int, ...] | None = None
-        self.stream = torch.cuda.Stream()
+        self.stream = Stream()
         self.info = info
 
     def _bind(self, shape: tuple[int, ...]) -> None:
@@ -88,36 +83,39 @@ class TensorRtRunner:
                 f"{self.info['artifact']} rejected input shape {shape}: outside the engine's optimisation "
                 f"profile {self.info['profile']}"
             )
-        torch = self._torch
-        self._buffers = {self._input: torch.empty(shape, dtype=self._input_dtype, device="cuda")}
+        layouts = {self._input: (shape, self._input_dtype)}
         for name in self._outputs:
             out_shape = tuple(self._context.get_tensor_shape(name))
-            dtype = _torch_dtype(self._trt, torch, self._engine.get_tensor_dtype(name))
-            self._buffers[name] = torch.empty(out_shape, dtype=dtype, device="cuda")
+            if any(dim < 0 for dim in out_shape):
+                raise ModelError(f"{self.info['artifact']}: output {name!r} has a data-dependent shape")
+            layouts[name] = (out_shape, _numpy_dtype(self._trt, self._engine.get_tensor_dtype(name)))
+        self._buffers = {
+            name: DeviceBuffer(int(np.prod(dims)) * dtype.itemsize) for name, (dims, dtype) in layouts.items()
+        }
         for name, buffer in self._buffers.items():
-            self._context.set_tensor_address(name, buffer.data_ptr())
+            self._context.set_tensor_address(name, buffer.pointer)
+        self._output = np.empty(*layouts[self._outputs[0]])
         self._shape = shape
 
     def prepare(self, batch: np.ndarray) -> None:
         """Copy ``batch`` into the input buffer (binding shapes when they change); waits for the copy."""
-        host = self._torch.from_numpy(np.ascontiguousarray(batch)).to(self._input_dtype)
-        if tuple(host.shape) != self._shape:
-            self._bind(tuple(host.shape))
-        with self._torch.cuda.stream(self.stream):
-            self._buffers[self._input].copy_(host)
+        host = np.ascontiguousarray(batch, dtype=self._input_dtype)
+        if host.shape != self._shape:
+            self._bind(host.shape)
+        self._buffers[self._input].upload(host, self.stream)
         self.stream.synchronize()
 
     def enqueue(self) -> None:
         """Launch the engine on ``stream`` (asynchronous)."""
-        if not self._context.execute_async_v3(self.stream.cuda_stream):
+        if not self._context.execute_async_v3(int(self.stream)):
             raise ModelError(f"TensorRT failed to execute {self.info['artifact']}")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         self.prepare(batch)
         self.enqueue()
-        with self._torch.cuda.stream(self.stream):
-            output = self._buffers[self._outputs[0]].float().cpu()  # waits for the stream's work
-        return output.numpy()
+        self._buffers[self._outputs[0]].download(self._output, self.stream)
+        self.stream.synchronize()
+        return self._output.astype(np.float32)  # a copy: the next run reuses the host buffer
 
 
 @BACKENDS.register("tensorrt", aliases=("trt",))
@@ -131,18 +129,15 @@ class TensorRtBackend(Backend):
     builds_without_runtime = True
 
     def available(self) -> tuple[bool, str]:
+        """Needs the tensorrt module, cuda-python and a CUDA device; ``why`` names each one missing."""
         problems = []
         try:
             import tensorrt  # noqa: F401
         except ImportError as exc:
             problems.append(f"the tensorrt Python module cannot be imported ({exc})")
-        try:
-            import torch
-        except ImportError as exc:
-            problems.append(f"torch (used for CUDA buffers) cannot be imported ({exc})")
-        else:
-            if not torch.cuda.is_available():
-                problems.append("no CUDA device: torch.cuda.is_available() is False")
+        cuda_problem = cuda_runtime.missing()
+        if cuda_problem is not None:
+            problems.append(cuda_problem)
         return (False, "; ".join(problems)) if problems else (True, "")
 
     def _require(self) -> None:
@@ -172,7 +167,6 @@ class TensorRtBackend(Backend):
         self.check_precision(precision)
         self._require()
         import tensorrt as trt
-        import torch
 
         options = options or EngineOptions()
         source = Path(onnx_path)
@@ -230,15 +224,14 @@ class TensorRtBackend(Backend):
         engine = runtime.deserialize_cuda_engine(bytes(serialized))
         inspector = engine.create_engine_inspector()
         atomic.write_text(layers, inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-        low, opt, high = options.profile(sample_shape)
         metadata = {
             "source": str(source),
             "format": "TensorRT engine",
             "tensorrt_version": trt.__version__,
-            "device_name": torch.cuda.get_device_name(),
+            "device_name": cuda_runtime.device_name(),
             "builder_flags": {"fp32": [], "fp16": ["FP16"], "int8": ["INT8", "FP16"]}[precision],
             "int8_mode": "explicit quantisation (QDQ ONNX)" if precision == "int8" else None,
-            "profile": {"input": input_name, "min": list(low), "opt": list(opt), "max": list(high)},
+            "profile": options.profile_record(input_name, sample_shape),
             "dla_core": options.dla_core,
             "timing_cache": str(cache_file),
             "layer_info_file": str(layers),
@@ -258,7 +251,6 @@ class TensorRtBackend(Backend):
             raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
         self._require()
         import tensorrt as trt
-        import torch
 
         logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(logger)
@@ -278,9 +270,9 @@ class TensorRtBackend(Backend):
             "precision": artifact.precision,
             "threads": None,
             "version": trt.__version__,
-            "device_name": torch.cuda.get_device_name(),
+            "device_name": cuda_runtime.device_name(),
             "dla_core": dla_core,
             "profile": artifact.metadata.get("profile"),
-            "execution": "execute_async_v3 on a torch CUDA stream; I/O in torch CUDA tensors",
+            "execution": "execute_async_v3 on a CUDA stream; I/O in cudaMalloc buffers (cuda-python)",
         }
         return TensorRtRunner(engine, context, info, keep_alive=(runtime, logger))

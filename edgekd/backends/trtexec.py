@@ -3,7 +3,8 @@
 Needs neither TensorRT nor a GPU (onnx is imported only to read a model's input): it is written for
 every TensorRT target, so that the engines can be built where they run (engines are specific to the
 GPU and the TensorRT version). Paths in the script are relative to its own folder, so the folder can
-be copied to the device as it is.
+be copied to the device as it is. Without trtexec the script prints one line saying how to get it and
+exits with :data:`EXIT_NO_TRTEXEC`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,18 @@ import shlex
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgekd import atomic
 from edgekd.errors import ExportError
 
 TIMING_CACHE = "timing.cache"
+SCRIPT_FILE = "build_engine.sh"
+EXIT_NO_TRTEXEC = 4  # build_engine.sh: no trtexec on the device (1 is trtexec's own failure)
+NO_TRTEXEC = (  # printed by build_engine.sh, which expands $TRTEXEC
+    "trtexec not found on the device's PATH (nor at $TRTEXEC); install TensorRT (on a Jetson: sudo apt "
+    "install nvidia-jetpack) or set TRTEXEC=/path/to/trtexec"
+)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,11 @@ class EngineOptions:
     def profile(self, sample_shape: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         """(min, opt, max) input shapes for a sample of ``sample_shape``."""
         return tuple((batch, *sample_shape) for batch in (self.min_batch, self.opt_batch, self.max_batch))
+
+    def profile_record(self, input_name: str, sample_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The optimisation profile as recorded with an engine: input name and min/opt/max shapes."""
+        low, opt, high = self.profile(sample_shape)
+        return {"input": input_name, "min": list(low), "opt": list(opt), "max": list(high)}
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,10 @@ def write_build_script(path: Path, jobs: list[EngineJob], header: str) -> Path:
         "set -euo pipefail",
         'cd "$(dirname "$0")"',
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
+        'if ! command -v "$TRTEXEC" >/dev/null 2>&1; then',
+        f'  echo "{NO_TRTEXEC}" >&2',
+        f"  exit {EXIT_NO_TRTEXEC}",
+        "fi",
     ]
     for job in jobs:
         local = EngineJob(

@@ -161,6 +161,14 @@ def _copy_artifacts(ctx: RunContext, work: Path) -> list[str]:
     return [Path(name).name for name in outputs.get("bundle_files", [])]
 
 
+def _unbuilt(ctx: RunContext, work: Path) -> list[dict[str, Any]]:
+    """The engines to build on the device, each with the interface of the bundled ONNX it is built from."""
+    return [
+        {**item, **describe_io(work / Path(item["engine"]).name, work / Path(item["onnx"]).name)}
+        for item in ctx.results["compile"].outputs.get("unbuilt_artifacts", [])
+    ]
+
+
 def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
     """Write every bundle file into ``work``; return the manifest (without ``files``)."""
     target = ctx.target
@@ -199,18 +207,17 @@ def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
         "input_shape": list(meta.input_shape),
         "labels": list(meta.classes),
         "preprocessing": meta.normalisation,
+        "training": {
+            "method": ctx.output("distill", "method"),
+            "augmentation": ctx.output("distill", "augment"),
+        },
         "dataset": {"name": meta.name, "fingerprint": meta.fingerprint, "source": meta.source},
         "artifacts": artifacts,
         "firmware": firmware,
         "inputs": (chosen or {}).get("inputs"),
         "outputs": (chosen or {}).get("outputs"),
         "quantization": (chosen or {}).get("quantization"),
-        "device_build": {
-            "files": device_build,
-            "unbuilt": ctx.results["compile"].outputs.get("unbuilt_artifacts", []),
-        }
-        if device_build
-        else None,
+        "device_build": {"files": device_build, "unbuilt": _unbuilt(ctx, work)} if device_build else None,
         "eval_set": None
         if eval_arrays is None
         else {

@@ -3,11 +3,14 @@
 Device-side entry point: imports only the standard library, numpy, the artifact's runtime and the
 numpy-only parts of edgekd (backends, profile.latency, profile.accuracy, bundle.checksums), so a
 device needs no torch, onnx or pydantic; :mod:`edgekd.profile.remote` ships exactly those files.
-It checks the bundle's checksums, then for every artifact whose runtime is installed measures
-latency with the project's protocol (warm-up, timed iterations, p50/p90/p99, threads) and accuracy
-on the bundle's ``eval.npz``, and writes JSON describing the device it ran on.
+It checks the bundle's checksums, builds the engines a TensorRT bundle leaves to the device (runs its
+``build_engine.sh``, :mod:`edgekd.profile.engine_build`), then for every artifact whose runtime is
+installed measures latency with the project's protocol (warm-up, timed iterations, p50/p90/p99,
+threads) and accuracy on the bundle's ``eval.npz``, and writes JSON describing the device it ran on.
+Artifacts not built or not loadable here are listed under ``skipped`` with the reason.
 
-Exit codes: 0 measured; 2 a bad bundle or argument (one line on stderr); 3 no runtime for any artifact.
+Exit codes: 0 measured, or engines built here (or not, each with why); 2 a bad bundle or argument
+(one line on stderr); 3 no runtime for any of the bundle's prebuilt artifacts.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from edgekd.backends.base import resolve_threads
 from edgekd.bundle.checksums import MANIFEST_FILE, SUMS_FILE, modified_files, read_sums
 from edgekd.errors import BundleError, EdgekdError
 from edgekd.profile.accuracy import evaluate_classifier
+from edgekd.profile.engine_build import build_engines
 from edgekd.profile.latency import measure_latency, peak_rss_mb
 
 EVAL_BATCH = 256
@@ -88,20 +92,25 @@ def _model_input(manifest_inputs: list[dict[str, Any]], batch: int) -> np.ndarra
 def profile_bundle(
     bundle: Path, warmup: int, iterations: int, batch: int, threads: int | None, hint: str
 ) -> dict[str, Any]:
-    """Latency and accuracy of each artifact of ``bundle`` whose runtime is installed here."""
+    """Latency and accuracy of each artifact of ``bundle`` (after building the engines it leaves to
+    the device) whose runtime is installed here."""
     manifest, eval_arrays = _load_bundle(bundle)
-    if not manifest["artifacts"]:
-        raise BundleError(f"{bundle} holds no built artifact (engines are built on the device first)")
+    built, skipped, build = build_engines(bundle, manifest)
+    records = [*manifest["artifacts"], *built]
+    if not records and build is None:
+        raise BundleError(f"{bundle} holds no artifact and no engine to build on the device")
     count = resolve_threads(threads)
-    rows, skipped = [], []
-    for record in manifest["artifacts"]:
+    rows = []
+    for record in records:
         backend = BACKENDS.get(record["backend"])() if record["backend"] in BACKENDS else None
         ok, why = backend.available() if backend else (False, f"no backend {record['backend']!r}")
         if not ok:
-            skipped.append({"file": record["file"], "reason": why})
+            skipped.append({key: record[key] for key in ("file", "backend", "precision")} | {"reason": why})
             continue
         options = {"hint": hint} if backend.hints else {}
-        artifact = Artifact(bundle / record["file"], record["backend"], record["precision"])
+        artifact = Artifact(
+            bundle / record["file"], record["backend"], record["precision"], record.get("metadata", {})
+        )
         runner = backend.load(artifact, threads=count, **options)
         accuracy = None
         if eval_arrays is not None:
@@ -131,6 +140,7 @@ def profile_bundle(
         "eval_frames": None if eval_arrays is None else len(eval_arrays["y"]),
         "rows": rows,
         "skipped": skipped,
+        "engine_build": build,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgekdError as exc:
         print(f"edgekd-device: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not result["rows"]:
+    if not result["rows"] and result["engine_build"] is None:
         reasons = "; ".join(f"{item['file']}: {item['reason']}" for item in result["skipped"])
         print(f"edgekd-device: error: no runtime here loads any artifact ({reasons})", file=sys.stderr)
         return EXIT_NO_RUNTIME

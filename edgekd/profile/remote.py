@@ -2,7 +2,8 @@
 
 One ``ssh`` call streams a tar of the bundle plus the device-side profiler (the numpy-only edgekd
 modules in :data:`RUNNER_FILES`) to a temporary directory on the device, runs
-``python -m edgekd.profile.device_runner`` there, prints its JSON back and removes the directory.
+``python -m edgekd.profile.device_runner`` there (which first builds the TensorRT engines a bundle
+leaves to the device, running its ``build_engine.sh``), prints its JSON back and removes the directory.
 ssh always runs with ``BatchMode=yes`` (never prompts) and ``StrictHostKeyChecking=yes`` (an unknown or
 changed host key is an error, never accepted silently), from an argument list (no local shell).
 Every failure is one :class:`DeviceError` line saying what to do.
@@ -38,6 +39,7 @@ RUNNER_FILES = (
     "profile/latency.py",
     "profile/layers.py",
     "profile/device_runner.py",
+    "profile/engine_build.py",
 )
 EXIT_SSH = 255  # ssh's own failures (connection, authentication, host key)
 EXIT_NO_PYTHON = 127
@@ -201,8 +203,8 @@ def profile_remote(
         raise DeviceError("ssh not found on this machine; install the OpenSSH client") from None
     except subprocess.TimeoutExpired:
         raise DeviceError(
-            f"device {address}: no result within device.timeout_s={options.timeout_s} s; raise it or "
-            f"lower profile.iterations"
+            f"device {address}: no result within device.timeout_s={options.timeout_s} s (engine builds "
+            f"on the device count too); raise it or lower profile.iterations"
         ) from None
     stderr = done.stderr.decode("utf-8", errors="replace")
     if done.returncode == EXIT_SSH:

@@ -94,7 +94,10 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
     train_set, val_set, meta = ctx.dataset
     remote = ctx.results["remote"].outputs
     rows = ctx.output("profile", "rows") + remote["rows"]  # device rows carry "measured_on"
-    not_measured = ctx.results["profile"].outputs.get("not_measured", [])
+    not_measured = [  # here (engines without a GPU), then on the device (not built or not loadable there)
+        *ctx.results["profile"].outputs.get("not_measured", []),
+        *remote.get("not_measured", []),
+    ]
     compiled = ctx.results["compile"].outputs
     stage_times = {
         name: {"wall_s": round(r.wall_s, 2), "cached": r.cached} for name, r in ctx.results.items()
@@ -120,6 +123,7 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
             if key in compiled
         },
         "device": remote.get("device"),
+        "device_engine_build": remote.get("engine_build"),
         "bundle": ctx.output("bundle", "bundle_dir"),
         "headline": headline([row for row in rows if "measured_on" not in row], not_measured),
         "stages": stage_times,

@@ -156,6 +156,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{student['val_accuracy_last']:.4f}, best epoch {student['best_epoch']} "
         f"{student['val_accuracy_best']:.4f} (the last epoch's weights are deployed); "
         f"seed {report['recipe']['seed']}.",
+        _augmentation(student.get("augment")),
         "",
         "## Export and quantisation",
         "",
@@ -187,6 +188,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _augmentation(augment: dict | None) -> str:
+    """The distillation's augmentation, as one bullet: its policy, operations and bank size."""
+    if augment is None:
+        return "- Augmentation: none (`distill.augment.enabled: false`)."
+    return (
+        f"- Augmentation (`{augment['policy']}`, {augment['variants']} fixed variants per sample, seed "
+        f"{augment['seed']}; {augment['as_in']}): " + "; ".join(augment["ops"]) + "."
+    )
+
+
 def _not_measured(report: dict[str, Any]) -> list[str]:
     """What was measured (the table) and what was not, with why; the device build files if any."""
     missing = report.get("not_measured") or []
@@ -197,8 +208,8 @@ def _not_measured(report: dict[str, Any]) -> list[str]:
         "",
         "## Not measured",
         "",
-        "Every row of the summary table was measured on this host. These artifacts were **not** built or "
-        "measured here, so no latency or accuracy is reported for them:",
+        "These artifacts were **not** built or measured, so no latency or accuracy is reported for them "
+        "(each line says where and why):",
         "",
         *(f"- {item['name']}: {item['why']}." for item in missing),
     ]
@@ -283,11 +294,32 @@ def _device(report: dict[str, Any]) -> list[str]:
     if not device:
         return []
     runtimes = ", ".join(f"{k} {v}" for k, v in device["runtimes"].items() if v)
-    measured = [row["accuracy"]["n"] for row in report["rows"] if row.get("measured_on") and row["accuracy"]]
+    where = (
+        f"({device['arch']}, {device['processor']}, {device['cpu_count']} cores, {device['platform']}, "
+        f"Python {device['python']}; {runtimes})"
+    )
+    lines = _engine_build(report.get("device_engine_build"), device["hostname"])
+    rows = [row for row in report["rows"] if row.get("measured_on")]
+    if not rows:
+        return [
+            *lines,
+            f"- Device {device['hostname']} {where}: reached over SSH with the bundle `{report['bundle']}`; "
+            f"nothing could be measured there (see Not measured).",
+        ]
+    measured = [row["accuracy"]["n"] for row in rows if row["accuracy"]]
     frames = measured[0] if measured else None
     return [
+        *lines,
         f"- Rows 'on {device['hostname']}': measured on that device over SSH from the bundle "
-        f"`{report['bundle']}` ({device['arch']}, {device['processor']}, {device['cpu_count']} cores, "
-        f"{device['platform']}, Python {device['python']}; {runtimes}), same latency protocol, model-only; "
-        f"accuracy on the bundle's eval.npz ({frames if frames is not None else 'no'} held-out frames)."
+        f"`{report['bundle']}` {where}, same latency protocol, model-only; "
+        f"accuracy on the bundle's eval.npz ({frames if frames is not None else 'no'} held-out frames).",
     ]
+
+
+def _engine_build(build: dict[str, Any] | None, hostname: str) -> list[str]:
+    """How the device built the TensorRT engines the bundle left to it, if it did."""
+    if not build:
+        return []
+    built = ", ".join(f"`{name}`" for name in build["built"]) or "no engine"
+    why = "" if build["why"] is None else f"; {build['why']}"
+    return [f"- Engine build on {hostname} (`{build['script']}`, {build['seconds']} s): built {built}{why}."]

@@ -16,7 +16,13 @@ from typing import Any
 
 from edgekd import atomic
 from edgekd.backends.base import Artifact, Backend
-from edgekd.backends.trtexec import EngineJob, EngineOptions, onnx_input, write_build_script
+from edgekd.backends.trtexec import (
+    SCRIPT_FILE,
+    EngineJob,
+    EngineOptions,
+    onnx_input,
+    write_build_script,
+)
 from edgekd.errors import QuantizeError, RecipeError
 from edgekd.pipeline import RunContext
 from edgekd.quantize.qdq_rules import tensorrt_qdq_violations
@@ -25,7 +31,6 @@ from edgekd.targets import Target
 
 FLOAT_FILE = "student.onnx"
 QDQ_FILE = "student.int8.onnx"
-SCRIPT_FILE = "build_engine.sh"
 CALIBRATION_FILE = "calibration.json"
 
 
@@ -58,7 +63,8 @@ def device_build(
     """Write the deployable inputs for ``sources`` (precision -> ONNX); build the engines if possible.
 
     Returns the built artifacts and the outputs to record: ``build_script_file``, ``bundle_files``,
-    ``qdq_check`` and ``unbuilt_artifacts`` (each with ``"profiled": False`` and ``why``).
+    ``qdq_check`` and ``unbuilt_artifacts`` (each with ``"profiled": False`` and ``why``, and the
+    ``dla_core`` and optimisation ``profile`` the device needs to load the engine it builds).
     """
     target = ctx.target
     options = engine_options(ctx.recipe, target)
@@ -107,6 +113,8 @@ def device_build(
                 "precision": job.precision,
                 "engine": str(job.engine.relative_to(ctx.run_dir)),
                 "onnx": str(job.onnx.relative_to(ctx.run_dir)),
+                "dla_core": options.dla_core,
+                "profile": options.profile_record(input_name, sample_shape),
                 "built": False,
                 "profiled": False,
                 "why": f"not built or profiled on this host: {why}; "

@@ -2,6 +2,9 @@
 
 The device is ``device.host`` (``--device``) or the target file's ``device:``. Its rows join the
 report marked with the device they were measured on (hostname, arch, runtime versions it reports).
+A TensorRT bundle's engines are built there first (``build_engine.sh``); each artifact the device
+could not build or load is recorded under ``not_measured`` with the device's one-line reason, and
+the stage still finishes when nothing could be measured there.
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ def _inputs(ctx: RunContext) -> list[Path]:
     return [ctx.run_dir / name for name in ctx.output("bundle", "bundle_files")]
 
 
+def _name(item: dict[str, Any], device: dict[str, Any]) -> str:
+    return f"student ({item['backend']} {item['precision'].upper()}) on {device['hostname']}"
+
+
 def device_rows(ctx: RunContext, result: dict[str, Any]) -> list[dict[str, Any]]:
     """The device's measurements as report rows (same fields as the profile stage's), marked with it."""
     device = result["device"]
     bundle = ctx.output("bundle", "bundle_dir")
     return [
         {
-            "name": f"student ({row['backend']} {row['precision'].upper()}) on {device['hostname']}",
+            "name": _name(row, device),
             "role": "student",
             "model": ctx.output("distill", "model"),
             "runtime": row["backend"],
@@ -55,6 +62,22 @@ def device_rows(ctx: RunContext, result: dict[str, Any]) -> list[dict[str, Any]]
             "measured_on": device,
         }
         for row in result["rows"]
+    ]
+
+
+def device_not_measured(ctx: RunContext, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The artifacts the device did not build or could not load, as the report's not-measured items."""
+    bundle = ctx.output("bundle", "bundle_dir")
+    return [
+        {
+            "name": _name(item, result["device"]),
+            "backend": item["backend"],
+            "precision": item["precision"],
+            "artifact": f"{bundle}/{item['file']}",
+            "profiled": False,
+            "why": item["reason"],
+        }
+        for item in result["skipped"]
     ]
 
 
@@ -77,15 +100,20 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     ctx.log(f"  profiling on {address} over SSH")
     result = profile_remote(ctx.run_dir / ctx.output("bundle", "bundle_dir"), address, options, protocol)
     atomic.write_json(stage_dir / RESULT_FILE, result)
-    rows = device_rows(ctx, result)
+    rows, not_measured = device_rows(ctx, result), device_not_measured(ctx, result)
     for row in rows:
         accuracy = "–" if row["accuracy"] is None else f"{row['accuracy']['accuracy']:.4f}"
         ctx.log(f"  {row['name']}: accuracy {accuracy}, p50 {row['latency']['p50_ms']:.3f} ms")
+    for item in not_measured:
+        ctx.log(f"  {item['name']}: not measured ({item['why']})")
+    if not rows:
+        ctx.log(f"  nothing could be measured on {result['device']['hostname']} (reasons above)")
     return {
         "device": result["device"],
         "address": str(address),
         "rows": rows,
-        "skipped_artifacts": result["skipped"],
+        "not_measured": not_measured,
+        "engine_build": result["engine_build"],
         "result_file": str((stage_dir / RESULT_FILE).relative_to(ctx.run_dir)),
     }
 
