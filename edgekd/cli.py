@@ -211,7 +211,7 @@ def benchmark(
 ) -> None:
     """Compress one student for several targets and compare them: report.html, report.md, report.json."""
     from edgekd.hardware import benchmark as run_benchmark
-    from edgekd.report.hardware import MEASUREMENT_HEADER, measurement_rows
+    from edgekd.report.hardware import MEASUREMENT_HEADER, measurement_rows, peak_footnotes
 
     flags = {"name": name, "device.host": device, "device.known_hosts": known_hosts}
     comparison = run_benchmark(targets, recipe, _overrides(flags, set_ or []), out=out, log=log)
@@ -221,6 +221,8 @@ def benchmark(
     for row in measurement_rows(comparison):
         table.add_row(*row)
     console.print(table)
+    for line in peak_footnotes(comparison):
+        console.print(f"peak-ops share {line}", markup=False)
     for target in comparison["targets"]:
         if target["status"] != "measured":
             console.print(

@@ -1,4 +1,5 @@
-"""Hardware-selection report: Pareto front, SVG plot, peak-ops share, per-layer times, `edgekd benchmark`."""
+"""Hardware-selection report: Pareto front, SVG plot, peak-ops share (published or measured peak),
+per-layer times, `edgekd benchmark`."""
 
 from __future__ import annotations
 
@@ -7,16 +8,21 @@ import json
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import edgekd.report.hardware as hardware_report
 from edgekd.backends import Artifact, get_backend
-from edgekd.report.hardware import peak_ops_share
+from edgekd.profile.host_peak import FP16_WHY, gemm_model, measure_host_peak
+from edgekd.report.hardware import build_comparison, peak_ops_share, render_html, render_markdown
 from edgekd.report.svg import Point, pareto_front, pareto_svg
+from edgekd.targets import resolve_target
 from tests.test_cli import assert_user_error, run_cli
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -72,6 +78,141 @@ def test_peak_ops_share_hand_value() -> None:
     assert unknown["value"] is None and "peak_fp16_tflops" in unknown["why"]
     elsewhere = peak_ops_share(1e6, 10_000, "int8", specs, on_target=False)
     assert elsewhere["value"] is None and "not on the target" in elsewhere["why"]
+
+
+def test_peak_ops_share_names_its_source() -> None:
+    specs = {"peak_int8_tops": 20, "peak_fp16_tflops": None, "peak_fp32_tflops": None}
+    measured = {"ops_per_s": 1e11, "source": "measured: ONNX Runtime FP32 MatMul 64³, 1 thread, this host"}
+    published = peak_ops_share(1e6, 10_000, "int8", specs, spec_file="targets/t.yaml", fallback=measured)
+    assert published["peak_ops_per_s"] == 20e12  # the YAML figure wins over a measured one
+    assert published["peak_source"] == "targets/t.yaml specs.peak_int8_tops (published, dense)"
+    share = peak_ops_share(1e6, 10_000, "fp32", specs, spec_file="targets/t.yaml", fallback=measured)
+    assert share["value"] == pytest.approx(1e10 / 1e11) and share["peak_source"] == measured["source"]
+    none = peak_ops_share(1e6, 10_000, "fp16", specs, spec_file="targets/t.yaml", fallback={"why": "no FP16"})
+    assert none["value"] is None and none["peak_source"] is None
+    assert none["why"] == "the target's peak_fp16_tflops is unknown (null in targets/t.yaml); no FP16"
+
+
+def test_host_peak_measures_fp32_and_int8_gemm() -> None:
+    import onnxruntime as ort
+
+    peak = measure_host_peak(threads=1, size=64)
+    for precision, op in (("fp32", "MatMul"), ("int8", "MatMulInteger")):
+        entry = peak[precision]
+        assert entry["ops_per_s"] > 0 and entry["op"] == op and entry["threads"] == 1
+        assert entry["shape"] == {"m": 64, "k": 64, "n": 64} and entry["ops_per_call"] == 2 * 64**3
+        assert entry["runtime_version"] == ort.__version__ and entry["median_ms"] >= entry["min_ms"] > 0
+        expected = (
+            f"measured: ONNX Runtime {ort.__version__} {precision.upper()} {op} 64³, 1 thread, this host"
+        )
+        assert entry["source"] == expected
+    assert peak["fp16"]["ops_per_s"] is None and peak["fp16"]["why"] == FP16_WHY
+
+
+def test_host_peak_int8_gemm_computes_the_product() -> None:
+    import onnxruntime as ort
+
+    model = gemm_model("int8", 8)
+    onnx.checker.check_model(model)
+    weights = numpy_helper.to_array(model.graph.initializer[0]).astype(np.int32)
+    a = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    (y,) = ort.InferenceSession(model.SerializeToString()).run(None, {"A": a})
+    np.testing.assert_array_equal(y, (a.astype(np.int32) - 128) @ weights)
+
+
+def _report_row(precision: str, runtime: str, threads: int, **extra: Any) -> dict[str, Any]:
+    """A compress report.json row: 2e6 FLOPs per sample at 1,000 samples/s."""
+    latency = {"p50_ms": 1.0, "p90_ms": 1.1, "p99_ms": 1.2, "throughput_per_s": 1000.0, "batch": 1}
+    latency |= {"threads": threads, "warmup": 2, "iterations": 20, "clock": "perf_counter"}
+    return {
+        "name": f"student ({runtime} {precision.upper()})",
+        "role": "student",
+        "runtime": runtime,
+        "precision": precision,
+        "latency": latency | {"percentile_method": "numpy linear"},
+        "accuracy": {"accuracy": 0.5, "agreement": 1.0, "n": 100},
+        "size_bytes": 1000,
+        "params": 10,
+        "flops": 2e6,
+        **extra,
+    }
+
+
+def _report(run: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "run": run,
+        "rows": rows,
+        "student": {"model": "edgekd:kd-cnn", "method": "skd"},
+        "teacher": {"model": "edgekd:clst"},
+        "environment": {"processor": "test CPU", "cpu_count": 2, "machine": "x86_64"},
+        "not_measured": [],
+        "device": None,
+    }
+
+
+def test_comparison_measures_the_host_peak_once_and_labels_every_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+
+    def small_peak(threads: int) -> dict[str, Any]:
+        calls.append(threads)
+        return measure_host_peak(threads, size=64)
+
+    monkeypatch.setattr(hardware_report, "measure_host_peak", small_peak)
+    # x86 targets (null peaks) with arch "" so this host counts as their hardware on any machine.
+    ort_target = replace(resolve_target("x86-ort"), arch="")
+    ov_target = replace(resolve_target("x86-openvino"), arch="")
+    jetson = resolve_target("jetson-orin-nano")
+    edge_box = {"hostname": "edge-box"}
+    entries = [
+        {"target": ort_target, "run_dir": "r1", "why": None, "report": _report("r-ort", [
+            _report_row("fp32", "torch", 1),  # the PyTorch reference: no artifact
+            _report_row("fp32", "onnxruntime", 1, artifact="a.fp32.onnx"),
+            _report_row("int8", "onnxruntime", 2, artifact="a.int8.onnx"),
+            _report_row("int8", "onnxruntime", 1, artifact="a.int8.onnx", measured_on=edge_box),
+        ])},
+        {"target": ov_target, "run_dir": "r2", "why": None, "report": _report("r-ov", [
+            _report_row("fp16", "openvino", 1, artifact="a.fp16.xml"),
+            _report_row("int8", "openvino", 1, artifact="a.int8.xml"),
+        ])},
+        {"target": jetson, "run_dir": "r3", "why": None, "report": _report("r-jetson", [
+            _report_row("int8", "tensorrt", 1, artifact="a.int8.engine", measured_on={"hostname": "orin"}),
+        ])},
+    ]  # fmt: skip
+    comparison = build_comparison("cmp", entries)
+    assert sorted(calls) == [1, 2]  # once per thread count, not per row
+    assert [peak["fp32"]["threads"] for peak in comparison["host_peak"]] == [1, 2]
+    shares = {
+        (row["group"], row["precision"], row["latency"]["threads"], row["measured_on"]): row["peak_ops_share"]
+        for row in comparison["rows"]
+    }
+    ort_fp32 = shares[("x86-ort", "fp32", 1, "this host")]
+    measured_fp32 = comparison["host_peak"][0]["fp32"]
+    assert ort_fp32["value"] == pytest.approx(2e6 * 1000 / measured_fp32["ops_per_s"])
+    assert (
+        ort_fp32["peak_source"] == measured_fp32["source"]
+        and "FP32 MatMul 64³, 1 thread" in measured_fp32["source"]
+    )
+    assert "INT8 MatMulInteger 64³, 2 threads" in shares[("x86-ort", "int8", 2, "this host")]["peak_source"]
+    assert (
+        "INT8 MatMulInteger 64³, 1 thread" in shares[("x86-openvino", "int8", 1, "this host")]["peak_source"]
+    )
+    fp16 = shares[("x86-openvino", "fp16", 1, "this host")]
+    assert fp16["value"] is None and FP16_WHY in fp16["why"]
+    remote = shares[("x86-ort", "int8", 1, "edge-box")]
+    assert remote["value"] is None and "says nothing about edge-box" in remote["why"]
+    published = shares[("jetson-orin-nano", "int8", 1, "orin")]
+    assert published["value"] == pytest.approx(2e9 / 20e12)
+    assert published["peak_source"] == "targets/jetson-orin-nano.yaml specs.peak_int8_tops (published, dense)"
+
+    markdown, html = render_markdown(comparison), render_html(comparison)
+    for text in (markdown, html):
+        assert measured_fp32["source"] in text and published["peak_source"] in text
+        assert "says nothing about edge-box" in text
+    table = next(line for line in markdown.splitlines() if "| orin |" in line)
+    marker = table.split(" | ")[-2].split()[-1]  # the share cell, e.g. "0.01 % (f)"
+    assert f"- {marker} peak 20 T ops/s, {published['peak_source']}" in markdown
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +326,21 @@ def test_benchmark_end_to_end_and_report_renders(tmp_path: Path) -> None:
         target = report["targets"][1]
         assert target["status"] == "not run" and "pip install" in target["why"]
     artifacts = [row for row in report["rows"] if row["group"] != "PyTorch reference"]
+    [host_peak] = report["host_peak"]  # measured once, at the profile's thread count
+    assert host_peak["fp32"]["threads"] == report["protocol"]["threads"]
     for row in artifacts:
         assert row["latency"]["p50_ms"] > 0 and row["latency"]["throughput_per_s"] > 0
         assert 0 <= row["accuracy"] <= 1 and row["size_bytes"] > 0
-        assert row["peak_ops_share"]["value"] is None  # x86 peaks are null in targets/*.yaml
+        share = row["peak_ops_share"]  # x86 peaks are null in targets/*.yaml: this host's GEMM ceiling
+        if row["precision"] == "fp16":
+            assert share["value"] is None and "FP16" in share["why"]
+        else:
+            assert share["value"] > 0 and share["peak_source"] == host_peak[row["precision"]]["source"]
         assert row["layer_times"]["top"] and row["layer_times"]["top"][0]["median_ms"] > 0
     assert report["pareto_front"] and all(isinstance(number, int) for number in report["pareto_front"])
     markdown = (out / "report.md").read_text()
     assert "## Measurements" in markdown and "Slowest layers" in markdown and "pareto.svg" in markdown
+    assert host_peak["int8"]["source"] in markdown
     # The per-target compress report shows the slowest layers too.
     assert "Slowest layers" in (tmp_path / "hw-x86-ort" / "report.md").read_text()
     html = (out / "report.html").read_text()

@@ -30,6 +30,21 @@ _FUSION_SUFFIX = re.compile(r"_token_\d+$")  # added to nodes rewritten by QDQ f
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
+def session_options(threads: int) -> Any:
+    """edgekd's ONNX Runtime session settings: ``threads`` intra-op threads, one inter-op thread,
+    sequential execution, all graph optimisations, errors-only logging (shared by profiling and
+    :mod:`edgekd.profile.host_peak`, so both run under the same settings)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: warnings would interleave with progress output
+    return options
+
+
 class OrtRunner:
     """An ``onnxruntime.InferenceSession`` with one input and one (first) output."""
 
@@ -134,12 +149,7 @@ class OnnxRuntimeBackend(Backend):
             )
         if not artifact.path.is_file():
             raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3  # errors only: warnings would interleave with progress output
+        options = session_options(threads)
         if profile_prefix is not None:
             options.enable_profiling = True
             options.profile_file_prefix = str(profile_prefix)

@@ -41,7 +41,7 @@ def summarize_ms(durations_ns: np.ndarray, batch: int) -> dict[str, float]:
     }
 
 
-def _time_calls(call: Callable[[], Any], warmup: int, iterations: int) -> np.ndarray:
+def time_calls(call: Callable[[], Any], warmup: int, iterations: int) -> np.ndarray:
     """Run ``call`` ``warmup`` times untimed, then ``iterations`` times timed (ns each), GC paused."""
     for _ in range(warmup):
         call()
@@ -92,13 +92,13 @@ def measure_latency(
             f"measure_latency: need a batch shaped (B, ...) with B >= 1, got shape {np.shape(model_input)}"
         )
     batch = len(model_input)
-    model_ns = _time_calls(lambda: runner.run(model_input), warmup, iterations)
+    model_ns = time_calls(lambda: runner.run(model_input), warmup, iterations)
     result: dict[str, Any] = summarize_ms(model_ns, batch)
     result["end_to_end"] = None
     stages = None
     if preprocess is not None:
         finish = postprocess or (lambda outputs: outputs)
-        e2e_ns = _time_calls(lambda: finish(runner.run(preprocess(sample))), warmup, iterations)
+        e2e_ns = time_calls(lambda: finish(runner.run(preprocess(sample))), warmup, iterations)
         result["end_to_end"] = summarize_ms(e2e_ns, batch)
         stages = ["preprocess", "run", "postprocess"] if postprocess else ["preprocess", "run"]
     result.update(

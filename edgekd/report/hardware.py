@@ -2,7 +2,9 @@
 
 Built from the per-target ``report.json`` of each ``compress`` run (see :mod:`edgekd.hardware`). Every
 number is a measured one from those reports, except the share of the target's peak throughput, computed
-here from the counted FLOPs, the measured throughput and the target's published dense peak.
+here from the counted FLOPs, the measured throughput and a peak: the target's dense peak from its
+``targets/*.yaml`` where given, else, for rows measured on this host, this host's GEMM ceiling measured
+once per report (:mod:`edgekd.profile.host_peak`). Each share names its peak's source.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from edgekd.profile.host_peak import measure_host_peak
 from edgekd.report.markdown import LAYER_HEADER, human_bytes, layer_rows, layer_summary, slowest_layers
 from edgekd.report.svg import Point, pareto_front, pareto_svg
 
@@ -27,25 +30,33 @@ def peak_ops_share(
     precision: str,
     specs: dict[str, Any],
     on_target: bool = True,
+    spec_file: str = "its targets/*.yaml",
+    fallback: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Achieved ops per second over the target's peak: ``flops`` (per sample, 2 per multiply-accumulate)
-    x ``throughput_per_s`` / peak for ``precision``. ``value`` is None (with ``why``) when the peak is
-    unknown, the FLOPs were not counted, or the row was not measured on the target's hardware."""
+    """Achieved ops per second over a peak: ``flops`` (per sample, 2 per multiply-accumulate) x
+    ``throughput_per_s`` / the peak for ``precision``, with ``peak_source`` saying where it came from.
+
+    The peak is the target's dense figure in ``specs`` (read from ``spec_file``) or, when that is null,
+    ``fallback``: a measured ceiling (``ops_per_s``, ``source``; see :mod:`edgekd.profile.host_peak`)
+    or a ``why`` there is none. ``value`` is None (with ``why``) when no peak is known, the FLOPs were
+    not counted, or the row was not measured on the target's hardware."""
     spec = PEAK_SPEC.get(precision)
     peak = specs.get(spec) if spec else None
-    out: dict[str, Any] = {
-        "value": None,
-        "spec": spec,
-        "peak_ops_per_s": None if peak is None else peak * 1e12,
-    }
+    fallback = fallback or {}
+    if peak:
+        peak_ops, source = peak * 1e12, f"{spec_file} specs.{spec} (published, dense)"
+    else:
+        peak_ops, source = fallback.get("ops_per_s"), fallback.get("source")
+    out: dict[str, Any] = {"value": None, "spec": spec, "peak_ops_per_s": peak_ops, "peak_source": source}
     if not on_target:
         out["why"] = "measured on this host, not on the target's hardware"
-    elif not peak:
-        out["why"] = f"the target's {spec or precision + ' peak'} is unknown (null in its targets/*.yaml)"
+    elif not peak_ops:
+        reasons = [f"the target's {spec or precision + ' peak'} is unknown (null in {spec_file})"]
+        out["why"] = "; ".join(reasons + ([fallback["why"]] if fallback.get("why") else []))
     elif not flops:
         out["why"] = "FLOPs were not counted"
     else:
-        out["value"] = flops * throughput_per_s / (peak * 1e12)
+        out["value"] = flops * throughput_per_s / peak_ops
     return out
 
 
@@ -66,8 +77,27 @@ def hardware_line(target: dict[str, Any]) -> str:
     return ", ".join(parts) or "host-dependent"
 
 
-def _row(source: dict[str, Any], group: str, target: Any, run: str) -> dict[str, Any]:
-    """One comparison row from a run's report row; ``target`` None for the PyTorch references."""
+def _spec_file(target: Any) -> str:
+    """``targets/<name>.yaml`` (the folder and file the target was read from)."""
+    return f"{target.source.parent.name}/{target.source.name}" if target.source else "its targets/*.yaml"
+
+
+def _needs_host_peak(source: dict[str, Any], target: Any) -> bool:
+    """Whether a target's row is measured on this host, on the target's arch, and its peak is null."""
+    spec = PEAK_SPEC.get(source["precision"])
+    return (
+        "measured_on" not in source
+        and target.matches_host()
+        and spec is not None
+        and not target.specs.get(spec)
+    )
+
+
+def _row(
+    source: dict[str, Any], group: str, target: Any, run: str, host_peaks: dict[Any, dict[str, Any]]
+) -> dict[str, Any]:
+    """One comparison row from a run's report row; ``target`` None for the PyTorch references.
+    ``host_peaks``: this host's measured GEMM ceilings by thread count (see :func:`_host_peaks`)."""
     device = source.get("measured_on")
     on_target = target is not None and (device is not None or target.matches_host())
     measured_on = "this host" if on_target or target is None else STAND_IN
@@ -76,12 +106,18 @@ def _row(source: dict[str, Any], group: str, target: Any, run: str) -> dict[str,
     if target is None:
         share = {"value": None, "why": "reference model on this host"}
     else:
+        if device:
+            fallback = {"why": f"this host's measured GEMM ceiling says nothing about {device['hostname']}"}
+        else:
+            fallback = host_peaks.get(source["latency"].get("threads"), {}).get(source["precision"])
         share = peak_ops_share(
             source.get("flops"),
             source["latency"]["throughput_per_s"],
             source["precision"],
             target.specs,
             on_target,
+            _spec_file(target),
+            fallback,
         )
     lat, acc = source["latency"], source.get("accuracy")
     return {
@@ -137,14 +173,19 @@ def build_comparison(run: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
     when it could not run here) and ``why`` (the reason it did not run).
     """
     measured = [entry for entry in entries if entry["report"] is not None]
+    host_peaks = _host_peaks(measured)
     rows: list[dict[str, Any]] = []
     if measured:
         first = measured[0]["report"]
-        rows += [_row(row, REFERENCE, None, first["run"]) for row in first["rows"] if "artifact" not in row]
+        rows += [
+            _row(row, REFERENCE, None, first["run"], host_peaks)
+            for row in first["rows"]
+            if "artifact" not in row
+        ]
     for entry in measured:
         report = entry["report"]
         rows += [
-            _row(row, entry["target"].name, entry["target"], report["run"])
+            _row(row, entry["target"].name, entry["target"], report["run"], host_peaks)
             for row in report["rows"]
             if "artifact" in row
         ]
@@ -170,7 +211,19 @@ def build_comparison(run: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
         "eval_frames": None if first_report is None else first_report["rows"][0]["accuracy"]["n"],
         "protocol": None if first_report is None else _protocol(first_report["rows"][0]["latency"]),
         "environment": None if first_report is None else first_report["environment"],
+        "host_peak": list(host_peaks.values()),
     }
+
+
+def _host_peaks(measured: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """This host's GEMM ceilings, measured once per thread count used by a row that needs one."""
+    threads = {
+        row["latency"].get("threads")
+        for entry in measured
+        for row in entry["report"]["rows"]
+        if "artifact" in row and _needs_host_peak(row, entry["target"])
+    }
+    return {count: measure_host_peak(count) for count in sorted(threads, key=lambda count: count or 0)}
 
 
 def _protocol(latency: dict[str, Any]) -> dict[str, Any]:
@@ -214,10 +267,42 @@ def _share(share: dict[str, Any]) -> str:
     return "n/a" if share["value"] is None else f"{share['value'] * 100:.3g} %"
 
 
+def _peak_note(share: dict[str, Any]) -> str:
+    """A share's footnote: its peak and where that came from, or why there is no share."""
+    if share["value"] is None:
+        return f"n/a: {share['why']}"
+    return f"peak {share['peak_ops_per_s'] / 1e12:.3g} T ops/s, {share['peak_source']}"
+
+
+def _marker(index: int) -> str:
+    """Footnote markers a, b, ..., z, aa, ab, ..."""
+    letters = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        letters = chr(ord("a") + rest) + letters
+    return letters
+
+
+def _peak_markers(comparison: dict[str, Any]) -> dict[str, str]:
+    """A footnote marker per distinct peak-ops note, in row order."""
+    markers: dict[str, str] = {}
+    for row in comparison["rows"]:
+        markers.setdefault(_peak_note(row["peak_ops_share"]), _marker(len(markers)))
+    return markers
+
+
+def peak_footnotes(comparison: dict[str, Any]) -> list[str]:
+    """'(a) peak ... T ops/s, <source>' or '(b) n/a: <why>': the footnotes of the peak-ops share column."""
+    return [f"({marker}) {note}" for note, marker in _peak_markers(comparison).items()]
+
+
 def measurement_rows(comparison: dict[str, Any]) -> list[list[str]]:
     """The measurement table's cells, shared by the Markdown, the HTML and the terminal."""
+    markers = _peak_markers(comparison)
     out = []
     for row in comparison["rows"]:
+        share = row["peak_ops_share"]
         lat = row["latency"]
         out.append(
             [
@@ -231,7 +316,7 @@ def measurement_rows(comparison: dict[str, Any]) -> list[list[str]]:
                 "–" if row["accuracy"] is None else f"{row['accuracy']:.4f}",
                 human_bytes(row["size_bytes"]),
                 "–" if row["rss_added_mb"] is None else f"{row['rss_added_mb']:.1f} MB",
-                _share(row["peak_ops_share"]),
+                f"{_share(share)} ({markers[_peak_note(share)]})",
                 {True: "yes", False: "", None: "–"}[row["pareto"]],
             ]
         )
@@ -279,9 +364,12 @@ def _notes(comparison: dict[str, Any]) -> list[str]:
     front = ", ".join(f"#{number}" for number in comparison["pareto_front"]) or "none"
     lines = [
         f"Pareto front (no other row is both faster and more accurate): {front}.",
-        "Peak-ops share = FLOPs per sample (2 per multiply-accumulate) x samples/s / the target's dense "
-        "peak for that precision (targets/*.yaml `specs`); n/a when that peak is unknown or the row was "
-        "not measured on the target's hardware.",
+        "Peak-ops share = FLOPs per sample (2 per multiply-accumulate) x samples/s / a peak for that "
+        "precision: the target's dense peak (targets/*.yaml `specs`) where given; else, for a row measured "
+        "on this host, this host's GEMM ceiling measured with ONNX Runtime at the row's thread count (a "
+        "measured ceiling, not a datasheet figure; OpenVINO rows too); n/a when neither applies or the row "
+        "was not measured on the target's hardware. Each share's footnote below says which.",
+        *peak_footnotes(comparison),
         "RSS added: resident memory this process gained while loading, evaluating and timing the artifact.",
         f"'{STAND_IN}': the target's artifact run on this host because no --device was given; its "
         "numbers are this host's, not the target's.",
@@ -335,7 +423,7 @@ def render_markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_NUMERIC = re.compile(r"^([-+]?[\d.,]+( ?(%|B|KB|MB|GB))?|n/a|–|yes|)$")  # right-aligned cells
+_NUMERIC = re.compile(r"^([-+]?[\d.,]+( ?(%|B|KB|MB|GB))?|n/a|–|yes|)( \([a-z]+\))?$")  # right-aligned
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
