@@ -47,23 +47,37 @@ def evaluate_classifier(
     groups: np.ndarray | None = None,
     reference: np.ndarray | None = None,
 ) -> dict:
-    """Top-1 accuracy of ``runner`` on ``(x, y)``.
+    """Top-1 accuracy of ``runner`` on ``(x, y)``: :func:`evaluate_logits` of its logits (:func:`predict`)."""
+    _check_sizes(len(x), len(y))
+    return evaluate_logits(predict(runner, x, batch_size), y, groups, reference)
 
-    Returns ``{accuracy, n, per_group, per_group_n, confusion}``: ``per_group`` maps each value of
-    ``groups`` (one per sample, e.g. the SNR in dB; numerically sorted, keys like ``"-20"``) to the
-    accuracy on its samples (None when ``groups`` is None); ``confusion[true][predicted]`` counts
-    samples, over ``max(classes in the logits, largest label + 1)`` classes. With ``reference`` (another
-    model's predicted classes on the same samples) ``agreement`` is the share of equal predictions:
-    how faithfully a compiled artifact reproduces the model it was built from.
+
+def _check_sizes(samples: int, labels: int) -> None:
+    if samples == 0:
+        raise DataError("evaluation set is empty; check the dataset split or profile.eval_samples")
+    if labels != samples:
+        raise DataError(f"evaluation set has {samples} inputs but {labels} labels")
+
+
+def evaluate_logits(
+    logits: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
+) -> dict:
+    """Top-1 accuracy of ``logits`` ``(N, C)`` against labels ``y``.
+
+    Returns ``{accuracy, n, per_group, per_group_n, confusion, agreement}``: ``per_group`` maps each
+    value of ``groups`` (one per sample, e.g. the SNR in dB; numerically sorted, keys like ``"-20"``)
+    to the accuracy on its samples (None when ``groups`` is None); ``confusion[true][predicted]``
+    counts samples, over ``max(classes in the logits, largest label + 1)`` classes. With ``reference``
+    (another model's predicted classes on the same samples) ``agreement`` is the share of equal
+    predictions: how faithfully a compiled artifact reproduces the model it was built from.
     """
     labels = np.asarray(y)
-    if len(x) == 0:
-        raise DataError("evaluation set is empty; check the dataset split or profile.eval_samples")
-    if len(labels) != len(x):
-        raise DataError(f"evaluation set has {len(x)} inputs but {len(labels)} labels")
+    _check_sizes(len(logits), len(labels))
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise DataError(f"labels must be non-negative integer class indices, got dtype {labels.dtype}")
-    logits = predict(runner, x, batch_size)
     predicted = logits.argmax(axis=1)
     correct = predicted == labels
     classes = max(logits.shape[1], int(labels.max()) + 1)

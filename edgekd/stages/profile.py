@@ -24,7 +24,7 @@ from edgekd.data.base import ArrayDataset
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights
 from edgekd.pipeline import RunContext, Stage, recipe_fields
-from edgekd.profile.accuracy import evaluate_classifier, predict
+from edgekd.profile.accuracy import evaluate_logits, predict
 from edgekd.profile.cuda_latency import measure_cuda_latency, supports_cuda_events
 from edgekd.profile.latency import current_rss_mb, measure_latency, peak_rss_mb
 
@@ -47,17 +47,12 @@ def _evaluation_set(ctx: RunContext) -> ArrayDataset:
 
 def _measure(
     ctx: RunContext, runner: Any, row: dict[str, Any], reference: np.ndarray | None = None
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
+    """``row`` with the runner's accuracy and latency; and its predicted classes on the evaluation set."""
     spec = ctx.recipe.profile
     evaluation_set = _evaluation_set(ctx)
-    evaluation = evaluate_classifier(
-        runner,
-        evaluation_set.x,
-        evaluation_set.y,
-        batch_size=EVAL_BATCH,
-        groups=evaluation_set.snr,
-        reference=reference,
-    )
+    logits = predict(runner, evaluation_set.x, batch_size=EVAL_BATCH)
+    evaluation = evaluate_logits(logits, evaluation_set.y, groups=evaluation_set.snr, reference=reference)
     raw, preprocess = raw_and_preprocess(
         ctx.dataset[2], np.ascontiguousarray(evaluation_set.x[: spec.batch_size])
     )
@@ -66,7 +61,7 @@ def _measure(
         model_input = preprocess(raw) if preprocess is not None else raw
         latency["cuda_events"] = measure_cuda_latency(runner, model_input, spec.warmup, spec.iterations)
     ctx.log(f"  {row['name']}: accuracy {evaluation['accuracy']:.4f}, p50 {latency['p50_ms']:.3f} ms")
-    return {**row, "accuracy": evaluation, "latency": latency}
+    return {**row, "accuracy": evaluation, "latency": latency}, logits.argmax(axis=1)
 
 
 def _memory(rss_before_mb: float | None) -> dict[str, Any]:
@@ -91,7 +86,8 @@ def _layer_times(
     )
 
 
-def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> tuple[dict[str, Any], TorchRunner]:
+def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> tuple[dict[str, Any], np.ndarray]:
+    """The PyTorch model's row, and its predicted classes on the evaluation set."""
     _, _, meta = ctx.dataset
     name, path = ctx.output(stage, "model"), ctx.path(stage, "model_file")
     model = build_model(name, num_classes=len(meta.classes), in_channels=meta.input_shape[0])
@@ -106,16 +102,14 @@ def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> tuple[di
         "params": ctx.output(stage, "params"),
         "flops": ctx.output(stage, "flops"),
     }
-    runner = TorchRunner(model, threads=threads)
-    return _measure(ctx, runner, row), runner
+    return _measure(ctx, TorchRunner(model, threads=threads), row)
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     threads = resolve_threads(ctx.recipe.profile.threads)
     teacher_row, _ = _torch_row(ctx, "teacher", "teacher", threads)
-    student_row, student_runner = _torch_row(ctx, "distill", "student", threads)
+    student_row, reference = _torch_row(ctx, "distill", "student", threads)
     rows = [teacher_row, student_row]
-    reference = predict(student_runner, _evaluation_set(ctx).x, batch_size=EVAL_BATCH).argmax(axis=1)
     for record in ctx.output("compile", "artifacts"):
         backend = get_backend(record["backend"])
         artifact = Artifact(
@@ -135,7 +129,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         }
         rss_before = current_rss_mb()
         runner = backend.load(artifact, threads=threads, **options)
-        measured = _measure(ctx, runner, {**row, "runtime_info": runner.info}, reference)
+        measured, _ = _measure(ctx, runner, {**row, "runtime_info": runner.info}, reference)
         measured["memory"] = _memory(rss_before)
         measured["layer_times"] = _layer_times(ctx, backend, artifact, threads, options)
         rows.append(measured)
