@@ -466,6 +466,7 @@ def main() -> None:
         "--olive-max-iter", type=int, help="cap Olive's search at this many iterations (default: exhaustive)"
     )
     parser.add_argument("--keep", type=Path, help="copy the work folder (models, Olive config and logs) here")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON to write")
     parser.add_argument("--olive-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.olive_worker is not None:
@@ -574,7 +575,7 @@ def main() -> None:
         f"{'met' if summary['goal_no_less_accurate'] else 'MISSED'}"
     )
     atomic.write_json(
-        RESULTS,
+        args.out,
         {
             "benchmark": "vs_olive",
             "environment": {
@@ -619,7 +620,7 @@ def main() -> None:
             "rows": rows,
         },
     )
-    console.print(f"wrote {RESULTS}")
+    console.print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from edgekd.errors import QuantizeError
 from edgekd.export import export_onnx
 from edgekd.quantize import CalibrationSet, quantize_static_int8
 from edgekd.quantize.budget import AccuracyBudget
+from edgekd.quantize.ort import is_quantized
 from edgekd.quantize.ort_accuracy import quantize_within_budget, rank_sensitive_nodes
 
 CLASSES = 4
@@ -306,6 +307,23 @@ def test_accuracy_budget_keeps_sensitive_nodes_in_float(fp32_model, tmp_path) ->
     if not control["met"]:
         assert len(control["excluded_nodes"]) == control["ranked_nodes"]
         assert control["stopped"].startswith("every ranked node is in float")
+
+
+def test_a_budget_met_only_in_float_leaves_no_int8(fp32_model, tmp_path) -> None:
+    """Calibration ranges 1000x too small wreck every quantised node; with the FP32 model's own
+    predictions as labels and no drop allowed, only an all-float model fits: no INT8 is left."""
+    x, _ = tones(100, seed=4)
+    agree = AccuracyBudget(0.0, x, predict(fp32_model, x), {"split": "tones, FP32 predictions as labels"})
+    crushed = CalibrationSet(
+        1e-3 * tones(64, seed=1)[0], "tones-crushed", "x 1e-3", requested=64, min_samples=16
+    )
+    out = tmp_path / "budget.onnx"
+    control = quantize_within_budget(fp32_model, out, crushed, agree)["accuracy_control"]
+    assert control["drop_before"] > 0.2 and control["met"]
+    assert len(control["excluded_nodes"]) == control["ranked_nodes"] >= 1
+    assert control["int8_left"] is False and not is_quantized(onnx.load(str(out)))
+    met = quantize_within_budget(fp32_model, tmp_path / "met.onnx", crushed, budget_frames(1.0))
+    assert met["accuracy_control"]["int8_left"] is True
 
 
 def test_sensitivity_ranking_names_real_nodes(fp32_model, asymmetric) -> None:

@@ -20,7 +20,7 @@ import onnx
 
 from edgekd.quantize.budget import AccuracyBudget
 from edgekd.quantize.calibration import CalibrationSet
-from edgekd.quantize.ort import QDQ_OPS, quantize_static_int8
+from edgekd.quantize.ort import QDQ_OPS, is_quantized, quantize_static_int8
 
 RANKING_FRAMES = 32  # frames whose intermediate activations are compared (memory grows with this)
 RANKING_BATCH = 8
@@ -177,5 +177,7 @@ def quantize_within_budget(
         "ranked_nodes": len(ranking),
         "ranking": ranking[:SHOWN],
         "history": attempts,
+        # False when every quantised node had to stay in float: the file then holds no INT8 at all
+        "int8_left": is_quantized(onnx.load(str(target), load_external_data=False)),
     }
     return info

@@ -224,7 +224,8 @@ def _not_measured(report: dict[str, Any]) -> list[str]:
 
 def _quantization(quant: dict[str, Any]) -> list[str]:
     if "skipped" in quant:
-        return [f"- INT8 QDQ: skipped ({quant['skipped']})."]
+        control = quant.get("quantization", {}).get("accuracy_control")
+        return [f"- INT8 QDQ: skipped ({quant['skipped']}).", *_accuracy_control(control)]
     q, calib = quant["quantization"], quant["quantization"]["calibration"]
     return [
         f"- INT8 {q['format']}: weights {q['weight_type']} "

@@ -94,6 +94,14 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             f"(budget {budget.max_drop}) after {control['attempts']} attempt(s), "
             f"{len(control['excluded_nodes'])} node(s) in float: {control['stopped']}"
         )
+        if not control["int8_left"]:
+            target.unlink()
+            why = (
+                f"quantize.max_accuracy_drop={budget.max_drop} is met only with every node in float, so "
+                "there is no INT8 model; deploy FP32 or raise quantize.max_accuracy_drop"
+            )
+            ctx.log(f"  {why}")
+            return {"skipped": why, "quantization": info}
     return {"int8_onnx_file": str((stage_dir / INT8_FILE).relative_to(ctx.run_dir)), "quantization": info}
 
 
