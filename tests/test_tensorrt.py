@@ -222,6 +222,9 @@ def test_engine_builds_runs_and_is_timed_with_cuda_events(fp32_model, trt_qdq, t
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] and "CUDA events" in latency["clock"]
     with pytest.raises(Exception, match="optimisation profile"):
         runner.run(np.zeros((9, *INPUT_SHAPE), np.float32))
+    layers = backend.layer_times(artifact, x, runs=5, warmup=2)
+    assert layers["runs"] == 5 and layers["nodes"] >= 1 and layers["top"]
+    assert all(item["median_ms"] > 0 and item["op"] for item in layers["top"])
 
 
 # ---------------------------------------------------------------- the whole pipeline, no GPU

@@ -13,6 +13,7 @@ Without TensorRT or a CUDA device here, the compile stage still writes the ONNX 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from edgekd.backends.cuda_runtime import DeviceBuffer, Stream
 from edgekd.backends.trtexec import TIMING_CACHE, EngineOptions, onnx_input
 from edgekd.errors import BackendUnavailable, ExportError, ModelError, QuantizeError, RecipeError
 from edgekd.hashing import sha256_file
+from edgekd.profile.layers import summarize_layers
 
 if TYPE_CHECKING:
     from edgekd.quantize.calibration import CalibrationSet
@@ -74,6 +76,7 @@ class TensorRtRunner:
         self._output = np.empty(0, np.float32)  # host copy of the first output, shaped by _bind
         self._shape: tuple[int, ...] | None = None
         self.stream = Stream()
+        self._layer_timer: Any = None
         self.info = info
 
     def _bind(self, shape: tuple[int, ...]) -> None:
@@ -115,7 +118,33 @@ class TensorRtRunner:
         self.enqueue()
         self._buffers[self._outputs[0]].download(self._output, self.stream)
         self.stream.synchronize()
+        if self._layer_timer is not None:
+            self._context.report_to_profiler()  # the finished launch's per-layer times
         return self._output.astype(np.float32)  # a copy: the next run reuses the host buffer
+
+    def time_layers(self) -> dict[str, list[float]]:
+        """From now on, collect each layer's time in every ``run`` (TensorRT's ``IProfiler``); returns
+        the dict it fills: layer name -> ms in each run."""
+        trt = self._trt
+
+        class LayerTimer(trt.IProfiler):
+            def __init__(self) -> None:
+                trt.IProfiler.__init__(self)
+                self.times: dict[str, list[float]] = {}
+
+            def report_layer_time(self, layer_name: str, ms: float) -> None:
+                self.times.setdefault(layer_name, []).append(ms)
+
+        self._layer_timer = LayerTimer()
+        self._context.profiler = self._layer_timer
+        self._context.enqueue_emits_profile = False  # reported after each run's stream sync instead
+        return self._layer_timer.times
+
+    def layer_types(self) -> dict[str, str]:
+        """Layer name -> layer type, from the engine inspector (names need DETAILED profiling verbosity)."""
+        inspector = self._engine.create_engine_inspector()
+        layers = json.loads(inspector.get_engine_information(self._trt.LayerInformationFormat.JSON))["Layers"]
+        return {layer["Name"]: layer.get("LayerType", "layer") for layer in layers if isinstance(layer, dict)}
 
 
 @BACKENDS.register("tensorrt", aliases=("trt",))
@@ -276,3 +305,31 @@ class TensorRtBackend(Backend):
             "execution": "execute_async_v3 on a CUDA stream; I/O in cudaMalloc buffers (cuda-python)",
         }
         return TensorRtRunner(engine, context, info, keep_alive=(runtime, logger))
+
+    def layer_times(
+        self,
+        artifact: Artifact,
+        batch: np.ndarray,
+        runs: int,
+        warmup: int = 0,
+        threads: int | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """TensorRT's per-layer times (``IProfiler``, one report per ``run`` after its stream sync).
+
+        Layer names are the engine's (fused layers carry the names of the ONNX nodes they merge when
+        the engine was built with DETAILED profiling verbosity, as edgekd's builds are); ``op`` is the
+        layer type from the engine inspector.
+        """
+        runner = self.load(artifact, threads)
+        for _ in range(warmup):
+            runner.run(batch)
+        times = runner.time_layers()
+        for _ in range(runs):
+            runner.run(batch)
+        types = runner.layer_types()
+        return summarize_layers(
+            {name: (types.get(name, "layer"), values) for name, values in times.items()},
+            runs,
+            "TensorRT IProfiler (per-layer GPU time of each run)",
+        )
