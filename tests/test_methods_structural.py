@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgekd.atomic import write_torch
 from edgekd.data.base import ArrayDataset
 from edgekd.distill.methods import DistillMethod, MixedBatch, ModelOutputs, ModelShape, build_method, soft_kl
 from edgekd.distill.methods.mixup_kd import std_scaled
@@ -154,6 +155,22 @@ def test_tgeo_meta_step_updates_the_fusion_net_and_leaves_the_student_untouched(
     for key, value in model.state_dict().items():  # weights and BatchNorm running statistics
         assert torch.equal(value, model_before[key]), key
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_tgeo_checkpoint_carries_the_fusion_nets_adam_state(tmp_path) -> None:
+    """A resumed run continues the outer Adam's moments instead of restarting them."""
+    torch.manual_seed(0)
+    method, model = _tgeo(meta_interval=1), Tiny()
+    batch = (torch.randn(8, 5), torch.randint(0, 3, (8,)), ModelOutputs(torch.randn(8, 3)))
+    method.meta_step(model, batch, (torch.randn(8, 5), torch.randint(0, 3, (8,))), {**STATE, "step": 1})
+    write_torch(tmp_path / "latest.pt", {"method": method.state_dict()})
+    resumed = _tgeo(meta_interval=1)
+    resumed.load_state_dict(torch.load(tmp_path / "latest.pt", weights_only=True)["method"])
+    saved, loaded = method.meta_optimizer.state_dict(), resumed.meta_optimizer.state_dict()
+    assert saved["state"] and saved["state"].keys() == loaded["state"].keys()
+    for index, moments in saved["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(value, loaded["state"][index][name]), (index, name)
 
 
 # ---------------------------------------------------------------- dho

@@ -68,6 +68,13 @@ class TrilateralGeometryKD(DistillMethod):
         self.register_buffer("class_means", torch.full((num_classes, num_classes), 1.0 / num_classes))
         self.meta_optimizer = torch.optim.Adam(self.fusion.parameters(), lr=self.options.meta_lr)
 
+    def get_extra_state(self) -> dict:
+        """The fusion net's Adam moments go into ``state_dict``, so a resumed run continues them."""
+        return {"meta_optimizer": self.meta_optimizer.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+
     # ---------------------------------------------------------------- hooks
 
     def student_parameters(self) -> list[nn.Parameter]:
