@@ -17,7 +17,7 @@ from edgekd.distill.methods import DistillMethod, MixedBatch, ModelOutputs, Mode
 from edgekd.distill.methods.mixup_kd import std_scaled
 from edgekd.distill.outputs import probe_shape
 from edgekd.distill.trainer import train
-from edgekd.errors import RecipeError
+from edgekd.errors import ModelError, RecipeError
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.heads import DualHead, SubclassHead
@@ -483,3 +483,28 @@ def test_losses_stay_finite_for_extreme_logits(name) -> None:
     loss = method.loss(ModelOutputs(student), ModelOutputs(teacher), torch.tensor([2, 0]), STATE)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(frames, tmp_path) -> None:
+    """A latest.pt of the same configuration but an older state layout: named, with what to do."""
+
+    def run(epochs: int) -> None:
+        torch.manual_seed(0)
+        teacher = build_model("edgekd:clst", 3).eval().requires_grad_(False)
+        student = build_model("edgekd:kd-cnn", 3)
+        method = build_method(
+            DistillSpec(method="tgeo"), 3, probe_shape(student, FRAME), probe_shape(teacher, FRAME)
+        )
+        train(
+            student, method, frames, frames, TrainSpec(epochs=epochs, batch_size=32), seed=0,
+            stage_dir=tmp_path, fingerprint="same", teacher=teacher, log=lambda _: None,
+        )  # fmt: skip
+
+    run(1)
+    latest = tmp_path / "latest.pt"
+    state = torch.load(latest, weights_only=True)
+    del state["method"]["_extra_state"]  # as written before the fusion net's Adam state was kept
+    write_torch(latest, state)
+    with pytest.raises(ModelError, match=r"latest.pt does not fit this training .*delete it") as caught:
+        run(2)
+    assert "\n" not in str(caught.value)

@@ -26,6 +26,7 @@ from edgekd.data.base import ArrayDataset
 from edgekd.distill.methods.base import DistillMethod, ModelOutputs
 from edgekd.distill.outputs import model_outputs
 from edgekd.distill.teacher_cache import TeacherOutputs, compute_teacher_outputs
+from edgekd.errors import ModelError, first_line
 from edgekd.recipe import TrainSpec
 
 LATEST = "latest.pt"
@@ -256,10 +257,16 @@ def _resume(
         return 0
     if state.get("fingerprint") != fingerprint:
         return 0
-    model.load_state_dict(state["model"])
-    method.load_state_dict(state["method"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ModelError(
+            f"{path} does not fit this training ({first_line(exc)}); it is likely from an earlier edgekd "
+            "version: delete it to rerun the stage from epoch 1"
+        ) from None
     result.history = list(state["history"])
     result.resumed_from_epoch = state["epoch"] + 1
     log(f"  resuming from {path.name} after epoch {result.resumed_from_epoch}")
