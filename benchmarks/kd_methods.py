@@ -8,7 +8,8 @@ student trained alone (`none`, same seed, in points), the share of the teacherâ€
 closes, and the distill stage's wall time (teacher outputs come from the shared cache; methods
 that need the teacher's feature maps or mixed inputs run it live, which the wall time shows).
 
-Prints a table (and, with --markdown, the README's table) and writes benchmarks/results/kd_methods.json.
+Prints a table (and, with --markdown, the README's table) and writes benchmarks/results/kd_methods.json,
+keeping the tasks not run this time (each task records its own seeds, overrides and environment).
     python benchmarks/kd_methods.py [--seeds 0 1 2] [--methods none kd dkd] [--tasks radio]
 """
 
@@ -161,16 +162,11 @@ def main() -> None:
         console.print(_table(task, result))
         if args.markdown:
             console.print(_markdown(task, result), markup=False, highlight=False)
-    atomic.write_json(
-        RESULTS,
-        {
-            "benchmark": "kd_methods",
-            "environment": environment(),
-            "seeds": args.seeds,
-            "overrides": args.overrides,
-            "tasks": results,
-        },
-    )
+    for result in results.values():
+        result.update(seeds=args.seeds, overrides=args.overrides, environment=environment())
+    kept = json.loads(RESULTS.read_text(encoding="utf-8"))["tasks"] if RESULTS.is_file() else {}
+    tasks = {**{task: kept_result for task, kept_result in kept.items() if task not in results}, **results}
+    atomic.write_json(RESULTS, {"benchmark": "kd_methods", "tasks": tasks})
     console.print(f"wrote {RESULTS}")
 
 
