@@ -157,6 +157,50 @@ def test_tgeo_meta_step_updates_the_fusion_net_and_leaves_the_student_untouched(
     assert all(p.grad is None for p in model.parameters())
 
 
+def _meta_batches(seed: int) -> tuple[tuple, tuple]:
+    generator = torch.Generator().manual_seed(seed)
+    x, x_val = torch.randn(16, 5, generator=generator), torch.randn(16, 5, generator=generator)
+    y, y_val = (
+        torch.randint(0, 3, (16,), generator=generator),
+        torch.randint(0, 3, (16,), generator=generator),
+    )
+    return (x, y, ModelOutputs(torch.randn(16, 3, generator=generator))), (x_val, y_val)
+
+
+def test_tgeo_finite_difference_hypergradient_matches_the_exact_one() -> None:
+    """DARTS' central difference agrees with backpropagation through the unroll on a smooth student."""
+    from edgekd.distill.methods.trilateral import _Unroll
+
+    torch.manual_seed(0)
+    method, model = _tgeo(inner_lr=0.1), Tiny()
+    model.body[2] = nn.Tanh()  # smooth, so the exact hypergradient is well defined
+    (x, y, teacher), (x_val, y_val) = _meta_batches(1)
+    batch = _Unroll(model, x, y, teacher.logits, x_val, y_val)
+    exact = torch.cat([g.flatten() for g in method._exact_hypergradient(batch)])
+    approx = torch.cat([g.flatten() for g in method._difference_hypergradient(batch)])
+    assert exact.norm() > 0
+    assert torch.nn.functional.cosine_similarity(exact, approx, dim=0) > 0.999
+    assert (approx - exact).norm() < 0.02 * exact.norm()
+
+
+def test_tgeo_falls_back_to_finite_differences_for_ops_without_second_derivatives() -> None:
+    """MobileNetV3's hardsigmoid has no double backward in PyTorch: the meta step still learns."""
+    torch.manual_seed(0)
+    method, model = _tgeo(meta_interval=1), Tiny()
+    model.body[2] = nn.Hardsigmoid()
+    train_batch, held_out = _meta_batches(2)
+    fusion_before = [p.clone() for p in method.fusion.parameters()]
+    model_before = {k: v.clone() for k, v in model.state_dict().items()}
+    method.meta_step(model, train_batch, held_out, {**STATE, "step": 1})
+    assert method.hypergradient == "finite differences"
+    assert any(not torch.equal(a, b) for a, b in zip(fusion_before, method.fusion.parameters(), strict=True))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, model_before[key]), key
+    smooth = _tgeo(meta_interval=1)
+    smooth.meta_step(Tiny(), train_batch, held_out, {**STATE, "step": 1})
+    assert smooth.hypergradient == "exact"
+
+
 def test_tgeo_checkpoint_carries_the_fusion_nets_adam_state(tmp_path) -> None:
     """A resumed run continues the outer Adam's moments instead of restarting them."""
     torch.manual_seed(0)
@@ -508,3 +552,28 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(frames, tmp_path) ->
     with pytest.raises(ModelError, match=r"latest.pt does not fit this training .*delete it") as caught:
         run(2)
     assert "\n" not in str(caught.value)
+
+
+def test_tgeo_trains_a_mobilenetv3_student_through_the_trainer(tmp_path) -> None:
+    """The case that failed: timm's MobileNetV3 (hardsigmoid) under TGeo-KD's bilevel step."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 11)[:32]
+    images = ArrayDataset(rng.standard_normal((32, 3, 32, 32)).astype(np.float32), y, None)
+    teacher = build_model("timm:resnet10t", 3, in_channels=3).eval().requires_grad_(False)
+    student = build_model("timm:mobilenetv3_small_100", 3, in_channels=3)
+    shape = (3, 32, 32)
+    method = build_method(
+        DistillSpec(method="tgeo", options={"tgeo": {"meta_interval": 1}}),
+        3,
+        probe_shape(student, shape),
+        probe_shape(teacher, shape),
+    )
+    fusion_before = [p.clone() for p in method.fusion.parameters()]
+    result = train(
+        student, method, images, images, TrainSpec(epochs=1, batch_size=16), seed=0, stage_dir=tmp_path,
+        fingerprint="tgeo-mbv3", teacher=teacher, log=lambda _: None,
+    )  # fmt: skip
+    assert np.isfinite(result.history[-1]["train_loss"])
+    assert method.hypergradient == "finite differences"
+    assert any(not torch.equal(a, b) for a, b in zip(fusion_before, method.fusion.parameters(), strict=True))

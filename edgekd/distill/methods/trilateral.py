@@ -18,6 +18,37 @@ from edgekd.recipe import DistillSpec
 EDGES = 5  # S-T, S-G, T-G, S-Tbar, T-Tbar
 
 
+class _Unroll:
+    """One meta step's batches and the student's parameters, with functional forward passes."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        teacher: torch.Tensor,
+        x_val: torch.Tensor,
+        y_val: torch.Tensor,
+    ) -> None:
+        self.model, self.x, self.y, self.teacher, self.x_val, self.y_val = model, x, y, teacher, x_val, y_val
+        self.named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
+
+    def logits(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The student with ``params`` on ``x``; its buffers cloned (running statistics untouched)."""
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        return functional_call(self.model, ({**params, **self.frozen}, buffers), (x,))
+
+    def stepped(
+        self, direction: tuple[torch.Tensor | None, ...] | list[torch.Tensor | None], size: float
+    ) -> dict[str, torch.Tensor]:
+        """``θ + size · direction`` per trainable parameter (unchanged where the direction is None)."""
+        return {
+            name: p if d is None else p + size * d
+            for (name, p), d in zip(self.named.items(), direction, strict=True)
+        }
+
+
 @METHODS.register("tgeo", aliases=("trilateral",))
 class TrilateralGeometryKD(DistillMethod):
     """TGeo-KD (Hu et al., ICLR 2024): a sample-wise KD/CE ratio learned from trilateral geometry.
@@ -67,6 +98,7 @@ class TrilateralGeometryKD(DistillMethod):
             self.fusion[2].bias.fill_(math.log(start / (1 - start)))
         self.register_buffer("class_means", torch.full((num_classes, num_classes), 1.0 / num_classes))
         self.meta_optimizer = torch.optim.Adam(self.fusion.parameters(), lr=self.options.meta_lr)
+        self.hypergradient = "exact"  # or "finite differences" (see meta_step)
 
     def get_extra_state(self) -> dict:
         """The fusion net's Adam moments go into ``state_dict``, so a resumed run continues them."""
@@ -102,6 +134,13 @@ class TrilateralGeometryKD(DistillMethod):
     ) -> None:
         """One Adam step on ω through a virtual student step; the real student is left untouched.
 
+        The hypergradient ``∇_ω CE(student_θ'(x_v), y_v)`` is exact (backpropagation through the
+        unrolled step, which needs second derivatives of the student) unless the student holds an op
+        PyTorch has no second derivative for (``hardsigmoid`` in MobileNetV3, for one): then, from
+        that step on, it is DARTS' finite-difference approximation (Liu, Simonyan, Yang, "DARTS:
+        Differentiable Architecture Search", ICLR 2019, eq. 8), which needs first derivatives only:
+        ``−inner_lr · (∇_ω L_train(θ⁺; ω) − ∇_ω L_train(θ⁻; ω)) / 2ε`` with ``θ± = θ ± ε·v``,
+        ``v = ∇_θ' CE(student_θ'(x_v), y_v)`` and ``ε = 0.01 / ‖v‖``. :attr:`hypergradient` says which.
         Parameters and buffers are passed to :func:`torch.func.functional_call` explicitly, the
         buffers as clones, so the virtual forward passes never change the model's BatchNorm
         running statistics.
@@ -109,35 +148,72 @@ class TrilateralGeometryKD(DistillMethod):
         if int(state.get("step", 0)) % self.options.meta_interval:
             return
         x, y, teacher = train_batch
-        teacher = self._teacher(teacher)
-        x_val, y_val = held_out_batch
         device = next(self.fusion.parameters()).device
-        x, y, x_val, y_val = x.to(device), y.to(device), x_val.to(device), y_val.to(device)
-        named = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
-
-        def buffers() -> dict[str, torch.Tensor]:
-            return {name: b.clone() for name, b in model.named_buffers()}
-
-        with torch.enable_grad():
-            logits = functional_call(model, ({**named, **frozen}, buffers()), (x,))
-            train_loss = self._weighted_loss(logits, teacher.logits.to(device), y, detach_ratio=False)
-            grads = torch.autograd.grad(
-                train_loss, list(named.values()), create_graph=True, allow_unused=True
-            )
-            virtual = {
-                name: p if g is None else p - self.options.inner_lr * g
-                for (name, p), g in zip(named.items(), grads, strict=True)
-            }
-            val_logits = functional_call(model, ({**virtual, **frozen}, buffers()), (x_val,))
-            val_loss = F.cross_entropy(val_logits, y_val)
-            fusion_params = list(self.fusion.parameters())
-            meta_grads = torch.autograd.grad(val_loss, fusion_params, allow_unused=True)
+        x_val, y_val = held_out_batch
+        batch = _Unroll(
+            model,
+            x.to(device),
+            y.to(device),
+            self._teacher(teacher).logits.to(device),
+            x_val.to(device),
+            y_val.to(device),
+        )
+        grads = None
+        if self.hypergradient == "exact":
+            try:
+                grads = self._exact_hypergradient(batch)
+            except RuntimeError as exc:
+                if "derivative for" not in str(exc) or "not implemented" not in str(exc):
+                    raise
+                self.hypergradient = "finite differences"
+        if grads is None:
+            grads = self._difference_hypergradient(batch)
         self.meta_optimizer.zero_grad(set_to_none=True)
-        for param, grad in zip(fusion_params, meta_grads, strict=True):
+        for param, grad in zip(self.fusion.parameters(), grads, strict=True):
             param.grad = None if grad is None else grad.detach()
         self.meta_optimizer.step()
         self.meta_optimizer.zero_grad(set_to_none=True)
+
+    def _exact_hypergradient(self, batch: _Unroll) -> list[torch.Tensor | None]:
+        with torch.enable_grad():
+            train_loss = self._weighted_loss(
+                batch.logits(batch.named, batch.x), batch.teacher, batch.y, False
+            )
+            grads = torch.autograd.grad(
+                train_loss, list(batch.named.values()), create_graph=True, allow_unused=True
+            )
+            virtual = batch.stepped(grads, -self.options.inner_lr)
+            val_loss = F.cross_entropy(batch.logits(virtual, batch.x_val), batch.y_val)
+            return list(torch.autograd.grad(val_loss, list(self.fusion.parameters()), allow_unused=True))
+
+    def _difference_hypergradient(self, batch: _Unroll) -> list[torch.Tensor | None]:
+        fusion = list(self.fusion.parameters())
+        with torch.enable_grad():
+            logits = batch.logits(batch.named, batch.x)
+            train_loss = self._weighted_loss(logits, batch.teacher, batch.y, False)
+            grads = torch.autograd.grad(train_loss, list(batch.named.values()), allow_unused=True)
+            virtual = {
+                name: p.detach().requires_grad_(True)
+                for name, p in batch.stepped(grads, -self.options.inner_lr).items()
+            }
+            val_loss = F.cross_entropy(batch.logits(virtual, batch.x_val), batch.y_val)
+            direction = torch.autograd.grad(val_loss, list(virtual.values()), allow_unused=True)
+        norm = torch.sqrt(sum((g.pow(2).sum() for g in direction if g is not None), torch.tensor(0.0)))
+        if float(norm) == 0.0:
+            return [torch.zeros_like(p) for p in fusion]
+        epsilon = 0.01 / float(norm)
+        features = self.relation_features(logits, batch.teacher, batch.y)  # Δ held at θ, an input
+
+        def fusion_grads(sign: float) -> tuple[torch.Tensor | None, ...]:
+            with torch.no_grad():
+                shifted = batch.logits(batch.stepped(direction, sign * epsilon), batch.x)
+            with torch.enable_grad():
+                loss = self._weighted_loss(shifted, batch.teacher, batch.y, False, features)
+                return torch.autograd.grad(loss, fusion, allow_unused=True)
+
+        plus, minus = fusion_grads(1.0), fusion_grads(-1.0)
+        scale = -self.options.inner_lr / (2 * epsilon)
+        return [None if a is None else scale * (a - b) for a, b in zip(plus, minus, strict=True)]
 
     # ---------------------------------------------------------------- loss
 
@@ -155,10 +231,16 @@ class TrilateralGeometryKD(DistillMethod):
         return torch.cat([*edges, *norms], dim=1)
 
     def ratios(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target: torch.Tensor,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """α_i in (0, 1), shape (B,), differentiable with respect to the fusion net only."""
-        features = self.relation_features(student_logits, teacher_logits, target)
+        """α_i in (0, 1), shape (B,), differentiable with respect to the fusion net only; from
+        ``features`` when given (Δ held at another student's logits), else from these logits."""
+        if features is None:
+            features = self.relation_features(student_logits, teacher_logits, target)
         return torch.sigmoid(self.fusion(features).squeeze(1))
 
     def _weighted_loss(
@@ -167,9 +249,10 @@ class TrilateralGeometryKD(DistillMethod):
         teacher_logits: torch.Tensor,
         target: torch.Tensor,
         detach_ratio: bool,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         temperature = self.spec.temperature
-        alpha = self.ratios(student_logits, teacher_logits, target)
+        alpha = self.ratios(student_logits, teacher_logits, target, features)
         if detach_ratio:
             alpha = alpha.detach()
         log_student = F.log_softmax(student_logits / temperature, dim=1)
