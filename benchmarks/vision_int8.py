@@ -10,9 +10,10 @@ INT8) through `edgekd benchmark`, so each backend's rows are measured in the sam
 all cores. Reported per student, backend and precision: held-out accuracy, p50 latency, the speedup
 over FP32 on the same backend and over the teacher in PyTorch FP32.
 
-Prints a table and writes benchmarks/results/vision_int8.json; rows of tasks not run this time are
-kept from the previous file.
+Prints a table and writes benchmarks/results/vision_int8.json (or ``--out``); rows of tasks not run
+this time are kept from the previous file.
     python benchmarks/vision_int8.py [--tasks digits mnist-folder] [--folder DIR] [--students ...]
+        [--set FIELD=VALUE ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--students", nargs="+", default=STUDENTS)
     parser.add_argument("--teacher-checkpoint", type=Path, help="a trained timm:resnet18 digits teacher")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON to write (and to keep rows from)")
     args = parser.parse_args()
     tasks = {name: TASKS[name] for name in args.tasks}
     if args.folder is not None:
@@ -111,7 +113,7 @@ def main() -> None:
                 rows += _rows(task, student, report)
         finally:
             shutil.rmtree(runs_dir, ignore_errors=True)
-    kept = json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+    kept = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
     rows = [row for row in kept if row["task"] not in tasks] + rows
 
     table = Table(title="INT8 vs FP32 student vs FP32 teacher (batch 1, p50)")
@@ -129,8 +131,8 @@ def main() -> None:
             f"{row['speedup_vs_teacher_torch_fp32']}x",
         )
     console.print(table)
-    atomic.write_json(RESULTS, {"benchmark": "vision_int8", "environment": environment(), "rows": rows})
-    console.print(f"wrote {RESULTS}")
+    atomic.write_json(args.out, {"benchmark": "vision_int8", "environment": environment(), "rows": rows})
+    console.print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
 """edgekd: distil a compact student from a teacher, compile it for an edge target, and prove how fast
 and how accurate the deployed artifact is."""
 
-from importlib.metadata import PackageNotFoundError, version
+# First, before anything imports torch: OpenMP threads that sleep instead of spinning when idle
+# (OMP_WAIT_POLICY=PASSIVE unless the user set it), so a loaded machine does not slow training far
+# beyond a fair share of its cores. libgomp reads the variable once, when torch loads it.
+from edgekd.threads import set_wait_policy_default
+
+set_wait_policy_default()
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 try:
     __version__ = version("edgekd")

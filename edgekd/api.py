@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,24 @@ from edgekd.stages import PIPELINE, STAGE_NAMES
 from edgekd.targets import resolve_target
 
 
-def preflight(recipe: Recipe) -> None:
-    """Fail in seconds, before any training, on names that cannot resolve or a runtime that is missing."""
+def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None = None) -> RunContext:
+    """Fail in seconds, before any training, on anything named in the recipe that cannot work.
+
+    Checks, in order: the target, model and method names and options; the runtime (or engine
+    options) of the target's backend; the device address and its SSH files; every checkpoint
+    (exists, is readable, holds tensors); then it builds the dataset (data files, their contents,
+    sizes that cannot fit in memory, at least two classes), builds the teacher and student on it,
+    loads their checkpoints (they must fit) and runs each on two samples (inputs too small for a
+    model's pooling); and the calibration set's size. Only what the stages up to ``until`` use is
+    checked. The dataset is built into ``ctx`` (a new context when None), which is returned so the
+    run reuses it.
+    """
     from edgekd.backends import BACKENDS, get_backend
     from edgekd.distill.methods import METHODS, parse_options
     from edgekd.models import model_factory
+    from edgekd.models.checkpoint import load_checkpoint
 
+    stages = STAGE_NAMES if until is None else STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     target = resolve_target(recipe.target)
     model_factory(recipe.teacher.model)
     model_factory(recipe.student.model)
@@ -39,6 +52,111 @@ def preflight(recipe: Recipe) -> None:
         engine_options(recipe, target)
     else:
         get_backend(target.backend)  # a missing runtime stops the run now, with its install hint
+    if "remote" in stages:
+        _check_device(recipe)
+    roles = [("teacher", recipe.teacher)] + ([("student", recipe.student)] if "distill" in stages else [])
+    for role, spec in roles:
+        if spec.checkpoint is not None:  # exists, readable, tensors only: before the dataset is built
+            with _field(f"{role}.checkpoint"):
+                load_checkpoint(spec.checkpoint)
+    ctx = _with_dataset(recipe, ctx)
+    train_set, _, meta = ctx.dataset
+    for role, spec in roles:
+        _check_model(role, spec.model, spec.checkpoint, train_set, meta)
+    quantize = recipe.quantize
+    if quantize.enabled and "int8" in target.precisions and {"quantize", "compile"} & set(stages):
+        from edgekd.errors import QuantizeError
+
+        if quantize.calibration_samples < quantize.min_calibration_samples:
+            raise QuantizeError(
+                f"quantize.calibration_samples = {quantize.calibration_samples} is below "
+                f"quantize.min_calibration_samples = {quantize.min_calibration_samples}; "
+                "raise quantize.calibration_samples"
+            )
+        if len(train_set) < quantize.min_calibration_samples:
+            raise QuantizeError(
+                f"{meta.source}: the train split has {len(train_set)} frames, fewer than the "
+                f"quantize.min_calibration_samples = {quantize.min_calibration_samples} INT8 calibration "
+                "needs; use more data, lower quantize.min_calibration_samples or set quantize.enabled: false"
+            )
+    return ctx
+
+
+# The dataset a preflight built for a recipe with no run context (e.g. benchmark's check of each
+# target before its compress): handed to the next preflight of the same data and seed, once.
+_built: tuple[str, Any] | None = None
+
+
+def _with_dataset(recipe: Recipe, ctx: RunContext | None) -> RunContext:
+    """``ctx`` (or a new context) with its dataset built, reusing one a context-less preflight built."""
+    global _built
+    key = json.dumps([recipe.data.model_dump(mode="json"), recipe.seed], sort_keys=True)
+    if ctx is None:
+        ctx = RunContext(recipe=recipe, run_dir=recipe.run_dir)
+        _built = (key, ctx.dataset)
+        return ctx
+    if "dataset" not in ctx.__dict__ and _built is not None and _built[0] == key:
+        ctx.dataset = _built[1]  # fills the cached property
+    _built = None
+    ctx.dataset  # noqa: B018 - builds it now: a bad data file fails here, before any training
+    return ctx
+
+
+@contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Prefix a checkpoint's :class:`ModelError` with the recipe field that named the file."""
+    from edgekd.errors import ModelError
+
+    try:
+        yield
+    except ModelError as exc:
+        raise ModelError(f"{name}: {exc}") from None
+
+
+def _check_device(recipe: Recipe) -> None:
+    """The SSH device's address (``--device`` or the target's) and the files given for it."""
+    from edgekd.errors import DeviceError
+    from edgekd.profile.remote import DeviceAddress
+    from edgekd.stages.remote import device_host
+
+    host = device_host(recipe)
+    if host is None:
+        return
+    DeviceAddress.parse(host)
+    for field, path in (
+        ("device.known_hosts", recipe.device.known_hosts),
+        ("device.identity_file", recipe.device.identity_file),
+    ):
+        if path is not None and not Path(path).expanduser().is_file():
+            state = "is a directory" if Path(path).expanduser().is_dir() else "not found"
+            raise DeviceError(f"{field} {path}: {state}; pass an existing file or leave {field} unset")
+
+
+def _check_model(role: str, name: str, checkpoint: Path | None, train_set: Any, meta: Any) -> None:
+    """Build ``name`` for the dataset, load ``checkpoint`` into it (it must fit) and run two samples."""
+    import torch
+
+    from edgekd.errors import DataError, first_line
+    from edgekd.models import build_model
+    from edgekd.models.checkpoint import load_weights
+
+    shape = tuple(meta.input_shape)
+    # pretrained=False: the architecture is what matters here; the stage fetches hub weights itself.
+    model = build_model(name, len(meta.classes), shape[0], role=role, input_shape=shape)
+    if checkpoint is not None:
+        with _field(f"{role}.checkpoint"):
+            load_weights(model, checkpoint, name)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(train_set.x[:2]))
+    except (RuntimeError, ValueError, AssertionError) as exc:
+        what = "frames of length" if len(shape) == 2 else "images of shape"
+        size = shape[-1] if len(shape) == 2 else "x".join(map(str, shape))
+        raise DataError(
+            f"{meta.source}: {what} {size} do not fit the {role} {name!r} ({first_line(exc)[:120]}); "
+            "use larger inputs (data.frame_length, data.image_size or another file) or another model"
+        ) from None
 
 
 def compress(
@@ -57,8 +175,7 @@ def compress(
     if until is not None and until not in STAGE_NAMES:
         raise RecipeError(f"--until {until!r}: no such stage; stages are {', '.join(STAGE_NAMES)}")
     stages = PIPELINE if until is None else PIPELINE[: STAGE_NAMES.index(until) + 1]
-    preflight(recipe)
-    ctx = RunContext(recipe=recipe, run_dir=recipe.run_dir, log=log)
+    ctx = preflight(recipe, RunContext(recipe=recipe, run_dir=recipe.run_dir, log=log), until)
     results = run_stages(ctx, stages, force=force)
     if "report" in results:
         return json.loads(
@@ -70,21 +187,44 @@ def compress(
 def finished_run(run_dir: Path, until: str) -> RunContext:
     """The context of a finished run: its recipe (from report.json) and its stages' records up to ``until``.
 
-    Records are read as they are (no fingerprint check), so a command on a finished run never retrains.
+    Records are read as they are (no fingerprint check), so a command on a finished run never
+    retrains; but each stage's output files must still have the SHA-256 its ``stage.json``
+    recorded. A damaged ``report.json``, ``stage.json`` or output file is one line naming it and
+    what to do.
     """
-    from edgekd.pipeline import STAGE_FILE, StageResult, stage_dir_name
+    from edgekd.errors import OutputError, first_line
+    from edgekd.pipeline import STAGE_FILE, StageResult, read_record, stage_dir_name, verify_outputs
     from edgekd.recipe import build_recipe
 
     report_file = run_dir / "report.json"
     if not report_file.is_file():
         raise RecipeError(f"{run_dir} has no report.json; finish the run first with edgekd compress")
-    recipe = build_recipe(json.loads(report_file.read_text(encoding="utf-8"))["recipe"], str(report_file))
+    try:
+        report = json.loads(report_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or UTF-8, e.g. truncated
+        raise OutputError(
+            f"{report_file} is unreadable ({type(exc).__name__}: {first_line(exc)}); it is truncated or "
+            "damaged: rerun edgekd compress for this run (with --force report) to rewrite it"
+        ) from None
+    if not isinstance(report, dict) or not isinstance(report.get("recipe"), dict):
+        raise OutputError(
+            f"{report_file} holds no recipe; it is damaged: rerun edgekd compress for this run "
+            "(with --force report) to rewrite it"
+        )
+    recipe = build_recipe(report["recipe"], str(report_file))
     ctx = RunContext(recipe=recipe, run_dir=run_dir)
     for index, stage in enumerate(PIPELINE[: STAGE_NAMES.index(until)], start=1):
-        record_file = run_dir / stage_dir_name(index, stage) / STAGE_FILE
+        stage_dir = run_dir / stage_dir_name(index, stage)
+        record_file = stage_dir / STAGE_FILE
         if not record_file.is_file():
             raise RecipeError(f"{run_dir}: stage {stage.name} has not finished ({record_file} is missing)")
-        record = json.loads(record_file.read_text(encoding="utf-8"))
+        record, why = read_record(record_file)
+        why = f"{STAGE_FILE} {why}" if record is None else verify_outputs(record, run_dir, stage_dir)
+        if record is None or why is not None:
+            raise OutputError(
+                f"{run_dir}: stage {stage.name} ({stage_dir.name}): {why}; rerun edgekd compress for this "
+                "run: it reruns that stage and keeps the others"
+            )
         ctx.results[stage.name] = StageResult(
             stage.name, record["outputs"], record["fingerprint"], record["wall_s"], True, record_file
         )

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 import yaml
 from pydantic import BaseModel
@@ -366,10 +367,45 @@ def verify_bundle(
     console.print(table)
 
 
+# Usage errors: typer >= 0.20 raises its own vendored click's exceptions (TyperException), older
+# versions click's; both carry format_message() and, for usage errors, the command's context.
+_USAGE_ERRORS = (typer.TyperException, click.ClickException)
+
+
+def _usage_line(exc: Exception) -> str:
+    """A usage error (bad option value, unknown option or command, missing argument) as one line."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if ctx is None:
+        return message
+    return f"{ctx.command_path}: {message} (see {ctx.command_path} --help)"
+
+
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app()
+        code = app(standalone_mode=False)  # usage errors come back here instead of a usage block
+    except _USAGE_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `edgekd`: the help text, as before
+            exc.show()
+            sys.exit(exc.exit_code)
+        print(f"edgekd: error: {_usage_line(exc)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except (typer.Abort, click.exceptions.Abort):
+        print("edgekd: error: aborted", file=sys.stderr)
+        sys.exit(1)
     except EdgekdError as exc:
         print(f"edgekd: error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    except OSError as exc:  # a full disk or an unwritable path met outside edgekd's atomic writes
+        import errno
+
+        from edgekd.atomic import DISK_FULL, disk_error
+
+        if exc.errno not in {*DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM}:
+            raise
+        verb = "write" if exc.errno in DISK_FULL else "access"
+        print(f"edgekd: error: {disk_error(exc.filename or 'an output file', exc, verb)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    if isinstance(code, int) and code:
+        sys.exit(code)  # e.g. 130 after Ctrl-C

@@ -12,8 +12,9 @@ console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def log(message: str) -> None:
-    """A plain progress line (no markup: stage names are written in brackets)."""
-    console.print(message, markup=False)
+    """A plain progress line (no markup: stage names are written in brackets), never wrapped: a long
+    warning stays one line that a log search finds whole."""
+    console.print(message, markup=False, soft_wrap=True)
 
 
 def progress() -> Progress:

@@ -20,6 +20,10 @@ class ModelError(EdgekdError):
     """A model name is unknown or a checkpoint does not match the model."""
 
 
+class TrainingError(EdgekdError):
+    """Training diverged: the loss or the weights went non-finite (lower the stage's learning rate)."""
+
+
 class ExportError(EdgekdError):
     """ONNX export failed or its outputs disagree with PyTorch."""
 

@@ -7,15 +7,29 @@ file, the dotted field, the value and what is expected (with a close match for u
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from yaml.events import AliasEvent
 
 from edgekd.errors import RecipeError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "radio-default.yaml"
+
+# Bounds on what a recipe file may hold, checked while it is parsed (before any validation), so a
+# hostile file fails in milliseconds: its size, the nesting depth of its collections, and the number
+# of nodes it expands to once every alias is replaced by its anchor (a "billion laughs" file expands
+# ~10^9 nodes from a few lines).
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
+# numpy's and torch's generators take seeds in 0..2**32-1 (numpy's legacy seeding is the narrowest).
+MAX_SEED = 2**32 - 1
+_RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_SHOWN_INPUT = 60  # characters of a bad value repeated in an error line
 
 
 class Section(BaseModel):
@@ -32,7 +46,7 @@ class DataSpec(Section):
     path: Path | None = Field(
         None, description="file for rml2016 (.pkl) / rml2018 (.hdf5); directory for imagefolder"
     )
-    frames_per_class_snr: int = Field(40, ge=1, description="synthetic frames per (modulation, SNR) pair")
+    frames_per_class_snr: int = Field(100, ge=1, description="synthetic frames per (modulation, SNR) pair")
     snr_min: int = Field(-20, ge=-40, le=40, description="lowest SNR in dB kept")
     snr_max: int = Field(18, ge=-40, le=40, description="highest SNR in dB kept")
     frame_length: int = Field(128, ge=16, description="IQ samples per frame")
@@ -74,7 +88,9 @@ class AugmentSpec(Section):
 
     enabled: bool = Field(False, description="train on augmented variants (variant 0 is the sample itself)")
     variants: int = Field(4, ge=1, le=64, description="variants per sample in the bank (K)")
-    seed: int = Field(0, description="seeds the variants' parameters; part of the teacher-cache key")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seeds the variants' parameters; part of the teacher-cache key"
+    )
     policy: Literal["default", "timm"] = Field(
         "default",
         description="default: per input kind (IQ: phase + time shift; images: shifts, flips where "
@@ -83,12 +99,21 @@ class AugmentSpec(Section):
 
 
 class DistillSpec(Section):
+    """How the student is distilled: the method, the shared temperature/alpha, and per-method options.
+
+    ``options`` maps a method name to its own hyperparameters, validated against that method's
+    options (``edgekd methods`` lists them with defaults), e.g. ``{dkd: {nckd_weight: 8.0}}`` or,
+    on the command line, ``--set distill.options.skd.beta=0.5`` (SKD's opt-in embedding term,
+    edgekd's own extension; 0, off, by default).
+    """
+
     method: str = Field("skd", description="distillation method; `edgekd methods` lists them with options")
     temperature: float = Field(4.0, gt=0, description="softmax temperature of the soft targets")
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the distillation term vs the label term")
     options: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
-        description="per method name, its own hyperparameters, e.g. {dkd: {beta: 8}} (`edgekd methods`)",
+        description="per method name, its own hyperparameters, e.g. {dkd: {nckd_weight: 8.0}} "
+        "(`edgekd methods` lists each method's options)",
     )
     teacher_cache: bool = Field(True, description="compute teacher outputs once and reuse them")
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
@@ -179,8 +204,11 @@ class DeviceSpec(Section):
 class Recipe(Section):
     """A whole experiment."""
 
-    name: str = Field("radio-default", pattern=r"^[A-Za-z0-9._-]+$", description="run directory name")
-    seed: int = 0
+    name: str = Field(
+        "radio-default",
+        description="run directory name: letters, digits, '.', '_', '-', not starting with '.'",
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random source (0..2**32-1)")
     target: str = Field("cpu", description="target name or alias from targets/")
     runs_dir: Path = Field(Path("models/runs"), description="where run directories are created")
     data: DataSpec = Field(default_factory=DataSpec)
@@ -193,6 +221,17 @@ class Recipe(Section):
     profile: ProfileSpec = Field(default_factory=ProfileSpec)
     bundle: BundleSpec = Field(default_factory=BundleSpec)
     device: DeviceSpec = Field(default_factory=DeviceSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # One path component inside runs_dir: '.', '..' and hidden names would escape it or hide the run.
+        if not _RUN_NAME.fullmatch(value):
+            raise ValueError(
+                "a run name is one directory name of letters, digits, '.', '_' and '-' that does not "
+                "start with '.'; choose another with --name"
+            )
+        return value
 
     @property
     def run_dir(self) -> Path:
@@ -221,7 +260,10 @@ def _describe(error: dict[str, Any], source: str) -> str:
         close = difflib.get_close_matches(str(loc[-1]), _fields_at(Recipe, loc), n=1, cutoff=0.5)
         hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
         return f"{source}: unknown field {dotted!r}{hint}"
-    return f"{source}: field {dotted!r} = {error.get('input')!r}: {error['msg']}"
+    shown = repr(error.get("input"))
+    if len(shown) > _SHOWN_INPUT:
+        shown = shown[:_SHOWN_INPUT] + "..."
+    return f"{source}: field {dotted!r} = {shown}: {error['msg']}"
 
 
 def build_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -231,18 +273,119 @@ def build_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise RecipeError(_describe(exc.errors()[0], source)) from None
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+class YamlLimitError(Exception):
+    """A YAML text exceeds :data:`MAX_YAML_DEPTH` or :data:`MAX_YAML_NODES`; ``mark`` is where."""
+
+    def __init__(self, problem: str, mark: Any = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.mark = mark
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing deep nesting, recursive aliases and alias-expansion bombs.
+
+    Composing counts each node's size as the tree expands it (an alias counts its anchor's whole
+    size again), so the check is linear in the text even when the expansion is exponential
+    ("billion laughs"), and construction never starts on a document over the bounds.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> nodes it expands to (node objects live until done)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, AliasEvent):
+            anchored = self.anchors.get(event.anchor)
+            if anchored is not None and id(anchored) not in self._sizes:
+                raise YamlLimitError(
+                    f"alias *{event.anchor} refers to itself (a recursive structure)", event.start_mark
+                )
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise YamlLimitError(f"collections nested deeper than {MAX_YAML_DEPTH} levels", event.start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        size = self._sizes.get(id(node))
+        if size is None:
+            if isinstance(node, yaml.MappingNode):
+                size = 1 + sum(self._sizes[id(key)] + self._sizes[id(value)] for key, value in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                size = 1 + sum(self._sizes[id(item)] for item in node.value)
+            else:
+                size = 1
+            self._sizes[id(node)] = size
+        if size > MAX_YAML_NODES:
+            raise YamlLimitError(
+                f"expands to more than {MAX_YAML_NODES} values once its aliases are resolved",
+                event.start_mark,
+            )
+        return node
+
+
+def _where(mark: Any) -> str:
+    return f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _bounded_load(text: str) -> Any:
+    """One YAML document's value; :class:`YamlLimitError` over the bounds, ``yaml.YAMLError`` if malformed."""
+    loader = BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:  # the depth bound stops composing; this guards the constructor too
+        raise YamlLimitError("is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def load_yaml_text(text: str, source: str) -> Any:
+    """The value of one YAML document, parsed with :class:`BoundedLoader`; :class:`RecipeError` if bad."""
+    try:
+        return _bounded_load(text)
+    except YamlLimitError as exc:
+        raise RecipeError(
+            f"{source}:{_where(exc.mark)} refused: the YAML {exc.problem}; write the values out plainly"
+        ) from None
+    except yaml.YAMLError as exc:
+        problem = " ".join((getattr(exc, "problem", None) or "invalid YAML").split())
+        raise RecipeError(
+            f"{source}:{_where(getattr(exc, 'problem_mark', None))} malformed YAML: {problem}; "
+            "fix the file's syntax"
+        ) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any] | None:
+    """The mapping in recipe file ``path``; None when the file holds no document (empty or comments)."""
+    if path.is_dir():
+        raise RecipeError(f"recipe file {path} is a directory; pass a YAML file to --recipe")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} not found; pass an existing YAML file to --recipe")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise RecipeError(f"{path}:{where} malformed YAML: {problem}; fix the file's syntax") from None
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(
+                f"recipe file {path} is {size} bytes, over the {MAX_RECIPE_BYTES}-byte limit for a recipe; "
+                "pass the recipe's YAML file, not a data file"
+            )
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(
+            f"recipe file {path} cannot be read ({exc.strerror or exc}); check its permissions"
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe file {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    loaded = load_yaml_text(text, str(path))
     if loaded is None:
-        return {}
+        return None
     if not isinstance(loaded, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of fields, got {type(loaded).__name__}")
     return loaded
@@ -254,9 +397,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise RecipeError(f"--set {text!r}: expected FIELD=VALUE, e.g. --set distill.train.epochs=5")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _bounded_load(raw) if raw.strip() else None
+    except YamlLimitError as exc:
+        raise RecipeError(
+            f"--set {key.strip()}=...: refused: the YAML value {exc.problem}; write the value out plainly"
+        ) from None
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the text itself
     return key.strip().split("."), value
 
 
@@ -277,5 +424,12 @@ def load_recipe(path: Path | None = None, overrides: list[str] | None = None) ->
     """Recipe from ``path`` (default: the built-in radio recipe) with dotted ``overrides`` applied."""
     source = path if path is not None else DEFAULT_RECIPE
     data = read_yaml(source) if source.is_file() or path is not None else {}
+    if data is None:
+        if path is not None:
+            raise RecipeError(
+                f"recipe file {path} is empty (no fields, only comments or blanks); "
+                "add the fields to set, or leave out --recipe for the default recipe"
+            )
+        data = {}
     data = apply_overrides(data, overrides or [])
     return build_recipe(data, source=str(source))

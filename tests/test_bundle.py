@@ -15,7 +15,7 @@ from edgekd.bundle.checksums import MANIFEST_FILE, SUMS_FILE
 from edgekd.bundle.verify import verify_bundle
 from edgekd.errors import BundleError, RecipeError
 from edgekd.hashing import sha256_file
-from tests.test_cli import run_cli
+from tests.test_cli import assert_user_error, run_cli
 
 TINY = [
     "data.frames_per_class_snr=2",
@@ -163,3 +163,36 @@ def test_bundle_command_rebuilds_with_another_artifact(tiny_run: Path):
     with pytest.raises(RecipeError, match="compiled for target x86-ort, not x86-openvino"):
         write_bundle(tiny_run, target="x86-openvino")
     write_bundle(tiny_run)  # back to the default (int8) for the other tests
+
+
+def test_truncated_c_array_is_caught_and_a_rebuild_replaces_it(tiny_run: Path, tmp_path: Path):
+    directory = tiny_run / "bundle" / "x86-ort"
+    source = directory / "model_data.c"
+    source.write_bytes(source.read_bytes()[: source.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(BundleError, match="model_data.c: SHA-256 differs"):
+        verify_bundle(directory)
+    assert_user_error(run_cli("verify-bundle", str(directory)), "model_data.c")
+    write_bundle(tiny_run)  # rebuilt from the compile stage's artifacts, never from the old bundle
+    rows = dict(verify_bundle(directory))
+    artifact = (directory / "student.int8.onnx").read_bytes()
+    assert rows["model_data.c"] == f"{len(artifact)} bytes == student.int8.onnx"
+
+
+def test_truncated_int8_model_reaching_compile_is_one_line(tiny_run: Path, tmp_path: Path):
+    """A QDQ model cut short after the quantize stage finished: compile must not compile what is left.
+    Either the pipeline notices the stage output changed and quantises again (exit 0), or compile
+    stops with one line naming the file and the stage to rerun; never a protobuf traceback."""
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run, runs / "tiny")
+    int8 = next((runs / "tiny").glob("*-quantize/student.int8.onnx"))
+    int8.write_bytes(int8.read_bytes()[: int8.stat().st_size // 2])
+    args = ["compress", "--set", f"runs_dir={runs}", "--set", "name=tiny"]
+    for item in TINY:
+        args += ["--set", item]
+    result = run_cli(*args)
+    if result.returncode != 0:
+        assert_user_error(result, str(int8), "truncated or damaged", "rerun with --force quantize")
+        result = run_cli(*args, "--force", "quantize")
+    assert result.returncode == 0, result.stderr
+    onnx.checker.check_model(str(int8))
+    verify_bundle(runs / "tiny" / "bundle" / "x86-ort")

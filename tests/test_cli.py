@@ -159,13 +159,13 @@ def test_methods_lists_every_method_with_its_options():
     assert result.returncode == 0, result.stderr
     for name in METHODS.names():
         assert name in result.stdout, name
-    assert "beta=0.5" in result.stdout  # skd's option and default
+    assert "beta=0.0" in result.stdout  # skd's option and default
 
 
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
-        ("distill.options.skd.gamma=1", ("distill.options.skd.gamma", "unknown option", "beta=0.5")),
+        ("distill.options.skd.gamma=1", ("distill.options.skd.gamma", "unknown option", "beta=0.0")),
         ("distill.options.skd.beta=-1", ("distill.options.skd.beta", "greater than or equal to 0")),
         ("distill.options.nosuchmethod.x=1", ("distillation method 'nosuchmethod'",)),
     ],

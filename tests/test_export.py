@@ -174,3 +174,52 @@ def test_bad_input_shape_and_samples(tmp_path, exported) -> None:
         export_onnx(model, (2, 0), tmp_path / "bad.onnx")
     with pytest.raises(ExportError, match="samples shaped"):
         check_parity(model, path, np.zeros((0, *INPUT_SHAPE), dtype=np.float32), tolerance=1e-4)
+
+
+def poison(model: TinyNet) -> TinyNet:
+    """``model`` as a diverged training leaves it: NaN weights (and so NaN logits)."""
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    return model
+
+
+def test_model_with_nan_weights_is_not_exported(tmp_path) -> None:
+    target = tmp_path / "diverged.onnx"
+    with pytest.raises(ExportError) as caught:
+        export_onnx(poison(make_model(0)), INPUT_SHAPE, target)
+    message = str(caught.value)
+    assert_one_line(message)
+    assert str(target) in message and "64 weight values" in message and "head.weight" in message
+    assert "non-finite" in message and "lower the learning rate" in message
+    assert not target.exists()
+
+
+def test_nan_in_both_outputs_fails_parity(tmp_path) -> None:
+    """A diverged model whose ONNX file is NaN too: NaN == NaN must not pass as parity."""
+    path = tmp_path / "nan.onnx"
+    export_onnx(make_model(0), INPUT_SHAPE, path)
+    proto = onnx.load(str(path))
+    for init in proto.graph.initializer:
+        values = onnx.numpy_helper.to_array(init)
+        if values.dtype == np.float32 and values.shape == (4, 16):  # the head's weight
+            init.CopyFrom(onnx.numpy_helper.from_array(np.full_like(values, np.nan), init.name))
+    onnx.save(proto, str(path))
+    x = samples(8)
+    assert np.isnan(ort.InferenceSession(str(path)).run(None, {"input": x})[0]).all()
+    with pytest.raises(ExportError) as caught:
+        check_parity(poison(make_model(0)), path, x, tolerance=1e-4)
+    message = str(caught.value)
+    assert_one_line(message)
+    assert str(path) in message and "outputs are non-finite" in message
+    assert "32 PyTorch and 48 ONNX Runtime values" in message  # 8x4 logits; 8x4 + 4 batch-1 runs x 4
+    assert "64 non-finite weights, first in head.weight" in message and "lower the learning rate" in message
+
+
+def test_nan_in_one_runtime_only_fails_parity(exported) -> None:
+    model, path, _ = exported
+    with pytest.raises(ExportError, match=r"NaN/inf in 64 PyTorch and 0 ONNX Runtime values"):
+        check_parity(poison(make_model(0)), path, samples(16), tolerance=1e-4)
+    bad = samples(4)
+    bad[0, 0, 0] = np.inf
+    with pytest.raises(ExportError, match="the samples hold 1 NaN/inf values"):
+        check_parity(model, path, bad, tolerance=1e-4)

@@ -1,4 +1,4 @@
-"""Classic distillation methods: ``dkd``, ``fitnets``, ``at``, ``rkd``, ``mgd`` (alias ``mae-feat``)."""
+"""Classic distillation methods: ``dkd``, ``fitnets``, ``at``, ``rkd``, ``mgd``."""
 
 from __future__ import annotations
 
@@ -52,9 +52,11 @@ def _ce(logits: list[float], label: int) -> float:
 
 def test_registry_names_aliases_and_capabilities() -> None:
     assert set(CLASSIC) <= set(METHODS.names())
-    assert METHODS.canonical("mae-feat") == "mgd"
+    assert "mae-feat" not in METHODS.names()  # MGD is not DMAE (Bai et al., 2023): no misleading alias
+    with pytest.raises(RecipeError):
+        METHODS.get("mae-feat")
     maps = ModelShape(4, ((2, 8), (3, 4)))
-    for name in ("fitnets", "at", "mgd", "mae-feat"):
+    for name in ("fitnets", "at", "mgd"):
         assert _method(name, maps, maps).needs_feature_maps
     rkd = _method("rkd", ModelShape(4), ModelShape(6))
     assert rkd.needs_features and not rkd.needs_feature_maps and rkd.uses_teacher_cache
@@ -69,7 +71,7 @@ def test_bad_options_are_recipe_errors() -> None:
     with pytest.raises(RecipeError, match="unknown option"):
         _method("at", shape, shape, gamma=1.0)
     with pytest.raises(RecipeError, match="mask_ratio"):
-        _method("mae-feat", shape, shape, mask_ratio=1.0)
+        _method("mgd", shape, shape, mask_ratio=1.0)
     with pytest.raises(RecipeError, match="out of range"):
         _method("fitnets", shape, shape, hint_layer=3)
     with pytest.raises(RecipeError, match="no hint layers"):
@@ -234,7 +236,10 @@ def test_at_equals_hand_value_on_a_tiny_map() -> None:
     # Teacher: A^2 = (1, 1, 0, 4) pooled to (1, 2); normalised (1, 2) / sqrt 5.
     q_s = [5 / math.sqrt(29), 2 / math.sqrt(29)]
     q_t = [1 / math.sqrt(5), 2 / math.sqrt(5)]
-    hand = 1000.0 / 2 * sum((a - b) ** 2 for a, b in zip(q_s, q_t, strict=True)) / 2
+    # The authors' code (szagoruyko/attention-transfer cifar.py) and mdistiller weight the mean by
+    # beta itself, not beta / 2: 1000 * ((.92848 - .44721)^2 + (.37139 - .89443)^2) / 2 = 252.59.
+    hand = 1000.0 * sum((a - b) ** 2 for a, b in zip(q_s, q_t, strict=True)) / 2
+    assert hand == pytest.approx(252.59, abs=0.01)
     logits, label = [1.0, 2.0, 0.0], 1
     loss = method.loss(
         ModelOutputs(torch.tensor([logits]), feature_maps=[student_map]),
@@ -330,8 +335,15 @@ def _identity_conv(conv: torch.nn.Conv1d, gain: float = 1.0) -> None:
 def test_mgd_equals_hand_value_with_identity_generator_and_no_mask() -> None:
     # Student 1 channel -> align (1x1 conv, weight 2) to 2 teacher channels; generator convs are
     # identities, so G(x) = ReLU(x); mask ratio 0 keeps every channel.
-    method = _method("mgd", ModelShape(4, ((1, 2),)), ModelShape(4, ((2, 2),)), alpha_mgd=0.5, mask_ratio=0.0)
-    assert method.align is not None
+    method = _method(
+        "mgd",
+        ModelShape(4, ((1, 2),)),
+        ModelShape(4, ((2, 2),)),
+        alpha_mgd=0.5,
+        mask_ratio=0.0,
+        scale_to_map=False,
+    )
+    assert method.align is not None and method.weight == 0.5
     with torch.no_grad():
         method.align.weight.fill_(2.0)
         method.align.bias.copy_(torch.tensor([0.0, -10.0]))
@@ -355,7 +367,7 @@ def test_mgd_equals_hand_value_with_identity_generator_and_no_mask() -> None:
 
 def test_mgd_mask_comes_from_the_global_generator() -> None:
     shape = ModelShape(4, ((8, 4),))
-    method = _method("mae-feat", shape, shape, mask_ratio=0.5)
+    method = _method("mgd", shape, shape, mask_ratio=0.5)
     assert method.align is None  # equal channel counts: no alignment layer
     _identity_conv(method.generator[0])
     _identity_conv(method.generator[2])
@@ -368,6 +380,28 @@ def test_mgd_mask_comes_from_the_global_generator() -> None:
     assert first == pytest.approx(((student_map * kept) ** 2).sum().item() / 3, rel=1e-6)
     torch.manual_seed(4)
     assert method.generation_loss(student_map, teacher_map).item() == first
+
+
+def test_mgd_weight_scales_the_authors_alpha_to_the_teacher_map_size() -> None:
+    # alpha_mgd = 7e-5 was tuned for 512 x 7 x 7 = 25,088 summed elements (ImageNet, ResNet-18).
+    assert _method("mgd", ModelShape(4, ((8, 4),)), ModelShape(4, ((8, 4),))).options.alpha_mgd == 7e-5
+    radio = _method("mgd", ModelShape(4, ((32, 16),)), ModelShape(4, ((64, 16),)))
+    assert radio.weight == pytest.approx(7e-5 * 25088 / (64 * 16))  # = 1.715e-3
+    imagenet = _method("mgd", ModelShape(4, ((256, 7, 7),)), ModelShape(4, ((512, 7, 7),)))
+    assert imagenet.weight == pytest.approx(7e-5)  # the reference size: the authors' weight unchanged
+    tiny = _method("mgd", ModelShape(4, ((64, 1, 1),)), ModelShape(4, ((512, 1, 1),)))
+    assert tiny.weight == pytest.approx(7e-5 * 49)
+    fixed = _method("mgd", ModelShape(4, ((32, 16),)), ModelShape(4, ((64, 16),)), scale_to_map=False)
+    assert fixed.weight == 7e-5
+    # The term per map is then alpha_mgd * 25,088 * mean squared error, whatever the map size:
+    torch.manual_seed(0)
+    for shape in ((64, 16), (512, 49)):
+        method = _method("mgd", ModelShape(4, (shape,)), ModelShape(4, (shape,)), mask_ratio=0.0)
+        _identity_conv(method.generator[0])
+        _identity_conv(method.generator[2])
+        student_map = torch.ones(2, *shape)
+        term = method.weight * method.generation_loss(student_map, torch.zeros(2, *shape))
+        assert term.item() == pytest.approx(7e-5 * 25088, rel=1e-5)
 
 
 def test_mgd_gradients_reach_student_align_and_generator() -> None:

@@ -259,6 +259,31 @@ def test_taid_at_t_zero_targets_the_student_itself() -> None:
     assert student.grad is not None and student.grad.abs().max().item() < 1e-12
 
 
+@pytest.mark.parametrize("t_start", [0.4, 0.7])
+def test_taid_gradient_is_softmax_minus_the_detached_interpolated_target(t_start: float) -> None:
+    """0 < t < 1: d L / d s = (softmax(s) - p_t) / B with p_t = softmax((1 - t) sg(s) + t z_T).
+
+    Without the stop-gradient on the student inside p_t, the target would move with s and the
+    gradient would pick up (1 - t) times the target's own Jacobian terms, failing this check.
+    """
+    method = _method("taid", num_classes=4, t_start=t_start)
+    method.eval()  # keep t fixed at t_start
+    torch.manual_seed(7)
+    student = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(5, 4, dtype=torch.float64) * 3
+    loss = method.loss(ModelOutputs(student), ModelOutputs(teacher), torch.zeros(5, dtype=torch.long), STATE)
+    loss.backward()
+    with torch.no_grad():
+        target = torch.softmax((1 - t_start) * student + t_start * teacher, dim=1)
+        expected = (torch.softmax(student, dim=1) - target) / 5
+    torch.testing.assert_close(student.grad, expected)
+    # The same check, row by row, with math only (row 0): p_s - p_t for one sample, over B = 5.
+    s0, z0, t = student[0].tolist(), teacher[0].tolist(), float(method.t)  # t as stored (float32)
+    p_t = _softmax([(1 - t) * a + t * b for a, b in zip(s0, z0, strict=True)])
+    hand = [(a - b) / 5 for a, b in zip(_softmax(s0), p_t, strict=True)]
+    assert student.grad[0].tolist() == pytest.approx(hand, rel=1e-9, abs=1e-12)
+
+
 def test_taid_adaptive_update_equals_hand_value() -> None:
     method = _method("taid", num_classes=3)
     steps = 10**6  # the linear floor stays below the adaptive step

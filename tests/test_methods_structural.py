@@ -263,8 +263,11 @@ def test_dho_unlabelled_rows_contribute_only_the_kd_term() -> None:
     target = torch.tensor([0, -1, 2, -1])
     loss = method.loss(ModelOutputs(head(features), features), ModelOutputs(teacher), target, STATE)
     labelled = target >= 0
+    # erjui/DHO: 0.5 * CE + 0.5 * (KD over the labelled batch + KD over the unlabelled batch).
     expected = 0.5 * F.cross_entropy(head.ce(features[labelled]), target[labelled])
-    expected = expected + 0.5 * soft_kl(head.kd(features), teacher, 2.0)
+    kd_labelled = soft_kl(head.kd(features[labelled]), teacher[labelled], 2.0)
+    kd_unlabelled = soft_kl(head.kd(features[~labelled]), teacher[~labelled], 2.0)
+    expected = expected + 0.5 * (kd_labelled + kd_unlabelled)
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert features.grad is not None and teacher.grad is None
@@ -273,9 +276,78 @@ def test_dho_unlabelled_rows_contribute_only_the_kd_term() -> None:
     head.zero_grad(set_to_none=True)
     unlabelled = torch.full((4,), -1)
     loss = method.loss(ModelOutputs(head(features), features), ModelOutputs(teacher), unlabelled, STATE)
-    torch.testing.assert_close(loss, 0.5 * soft_kl(head.kd(features), teacher, 2.0))
+    torch.testing.assert_close(loss, 0.5 * 2 * soft_kl(head.kd(features), teacher, 2.0))
     loss.backward()
     assert head.ce.weight.grad is None or not head.ce.weight.grad.any()
+
+
+def test_dho_equals_hand_value_with_kd_at_the_official_weight() -> None:
+    # One labelled row, identity heads on f = s: CE = -ln softmax(s)[1], KD = T^2 KL at T = 2.
+    model, method = Tiny(inputs=5, dim=3, classes=3), _method("dho")
+    method.prepare(model, torch.tensor([0, 1]), None)
+    with torch.no_grad():
+        for linear in (model.head.ce, model.head.kd):
+            linear.weight.copy_(torch.eye(3))
+            linear.bias.zero_()
+    s, t = [1.0, 2.0, 0.0], [2.0, 0.0, 1.0]
+    loss = method.loss(
+        ModelOutputs(torch.zeros(1, 3), torch.tensor([s])), ModelOutputs(torch.tensor([t])),
+        torch.tensor([1]), STATE,
+    )  # fmt: skip
+    # By hand: CE = .4076; KL(p_t || p_s) at T = 2 = .2205, x T^2 = .8820; only labelled rows, so the
+    # labelled mean stands for both batches: 0.5 * .4076 + 0.5 * 2 * .8820 = 1.0858.
+    ce = -math.log(_softmax(s)[1])
+    kd = 4 * _kl(_softmax(t, 2.0), _softmax(s, 2.0))
+    assert loss.item() == pytest.approx(0.5 * ce + 0.5 * 2 * kd, rel=1e-6)
+    assert loss.item() == pytest.approx(1.0858, abs=1e-4)
+
+
+def test_dho_search_mix_follows_the_official_grid() -> None:
+    from edgekd.distill.methods.dho import search_mix
+
+    labels = torch.tensor([0, 1, 2, 0])
+    # The CE head is right on rows 0-1 only, the KD head on rows 2-3 only, each with a margin that
+    # decides which head wins a row: the best mix is the one that gets three rows right.
+    ce = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    kd = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 5.0], [5.0, 0.0, 0.0]])
+    alpha, beta, accuracy = search_mix(ce, kd, labels)
+    assert accuracy == 1.0  # each head's confident rows win: every row right
+    mixed = (1 - alpha) * F.softmax(ce, 1) + alpha * F.softmax(kd / beta, 1)
+    assert torch.equal(mixed.argmax(1), labels)
+    # By hand at b = 0.5 (visited first): rows 0-1 need w * 1.6607 > 0.6805, i.e. w > 0.4098; rows
+    # 2-3 need (1 - w) * 0.99986 > w * 0.3642, i.e. w < 0.7330. The first w on the grid is 0.45,
+    # so a = 1 - w = 0.55 (the KD head's weight).
+    assert beta == 0.5 and alpha == pytest.approx(0.55)
+    only_kd = search_mix(ce[2:], kd[2:], labels[2:])
+    assert only_kd == (1.0, 0.5, 1.0)  # the very first grid point, w = 0 (KD head alone), is already 100 %
+    hopeless = search_mix(ce[:1], kd[:1], torch.tensor([2]))
+    assert hopeless == (1.0, 1.0, 0.0)  # nothing beats 0: the official start (w = 0, b = 1) stays
+
+
+def test_dho_searches_the_mix_on_the_held_out_slice_through_the_trainer(frames, tmp_path) -> None:
+    torch.manual_seed(0)
+    teacher = build_model("edgekd:clst", 3).eval().requires_grad_(False)
+    student = build_model("edgekd:kd-cnn", 3)
+    method = build_method(
+        DistillSpec(method="dho"), 3, probe_shape(student, FRAME), probe_shape(teacher, FRAME)
+    )
+    assert method.held_out_fraction == 0.1
+    train(
+        student, method, frames, frames, TrainSpec(epochs=2, batch_size=16), seed=0, stage_dir=tmp_path,
+        fingerprint="dho", teacher=teacher, log=lambda _: None,
+    )  # fmt: skip
+    record = method.record()["inference_mix"]
+    assert record["source"].startswith("grid search") and 0 <= record["held_out_accuracy"] <= 1
+    assert record["beta"] in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 4.0)
+    assert round(record["alpha"] * 20, 6) == round(record["alpha"] * 20)  # on the 0.05 grid
+    assert (student.head.alpha, student.head.beta) == (pytest.approx(record["alpha"]), record["beta"])
+    # The search saw exactly the stratified held-out slice: 22 + 22 + 20 rows -> 2 + 2 + 2 = 6.
+    from edgekd.distill.trainer import split_held_out
+
+    _, held_out = split_held_out(frames.y, 0.1, 0)
+    assert method._held_count == len(held_out) == 6
+    fixed = _method("dho", options={"search_mix": False})
+    assert fixed.held_out_fraction == 0.0 and fixed.record()["inference_mix"]["source"] == "fixed options"
 
 
 def _round_trip(model: nn.Module, tmp_path) -> nn.Module:
@@ -397,17 +469,36 @@ def test_lelp_head_starts_as_the_old_head_and_round_trips_checkpoint(tmp_path) -
 # ---------------------------------------------------------------- mixup-kd
 
 
-def test_mixup_mixes_exactly_the_requested_fraction() -> None:
-    method = _method("mixup-kd", options={"mixed_fraction": 0.25})
+def test_mixup_follows_the_official_partial_mixup_rule() -> None:
+    """hchoi71/MIX-KD ``PMU``: int(B * partmixup) rows drawn with replacement are reset to lam = 1."""
+    method = _method("mixup-kd")
+    assert method.options.partmixup == 0.9
     x, y = torch.randn(40, 2, 8), torch.randint(0, 3, (40,))
     mix = method.mix_batch(x, y, torch.Generator().manual_seed(3))
     assert isinstance(mix, MixedBatch) and mix.lam.shape == (40,)
+    # The same draws by hand: numpy seed, partner permutation, then the 36 indices kept unmixed.
+    generator = torch.Generator().manual_seed(3)
+    torch.randint(0, 2**62, (1,), generator=generator)
+    torch.randperm(40, generator=generator)
+    kept = torch.randint(0, 40, (36,), generator=generator).unique()
     mixed = mix.lam < 1
-    assert int(mixed.sum()) == 10 and bool((mix.lam > 0).all())
+    assert torch.equal(torch.nonzero(~mixed).flatten(), kept)
+    assert int(mixed.sum()) == 40 - len(kept) and bool((mix.lam > 0).all())
     assert torch.equal(mix.partner[~mixed], torch.arange(40)[~mixed])  # unmixed rows: lam = 1, themselves
     again = method.mix_batch(x, y, torch.Generator().manual_seed(3))
     assert torch.equal(again.lam, mix.lam) and torch.equal(again.partner, mix.partner)
     assert method.mixes_inputs and not method.uses_teacher_cache
+
+
+def test_mixup_mixes_about_41_percent_of_rows_by_default() -> None:
+    # A row escapes all int(0.9 * 128) = 115 draws with probability (1 - 1/128)^115 = 0.4058.
+    method = _method("mixup-kd")
+    x, y = torch.zeros(128, 2, 8), torch.zeros(128, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    share = torch.stack([(method.mix_batch(x, y, generator).lam < 1).float().mean() for _ in range(200)])
+    assert float(share.mean()) == pytest.approx((1 - 1 / 128) ** 115, abs=0.01)
+    nothing = _method("mixup-kd", options={"partmixup": 0.0}).mix_batch(x, y, generator)
+    assert bool((nothing.lam < 1).all())  # partmixup 0: the official full mixup (every row mixed)
 
 
 def test_mixup_kd_equals_hand_value() -> None:
@@ -548,7 +639,10 @@ def test_a_checkpoint_that_does_not_fit_is_a_one_line_error(frames, tmp_path) ->
     latest = tmp_path / "latest.pt"
     state = torch.load(latest, weights_only=True)
     del state["method"]["_extra_state"]  # as written before the fusion net's Adam state was kept
-    write_torch(latest, state)
+    from edgekd.hashing import sha256_state  # latest.pt carries a hash of its content: keep it whole
+
+    state.pop("sha256")
+    write_torch(latest, {**state, "sha256": sha256_state(state)})
     with pytest.raises(ModelError, match=r"latest.pt does not fit this training .*delete it") as caught:
         run(2)
     assert "\n" not in str(caught.value)

@@ -152,3 +152,48 @@ def test_agreement_with_a_reference_model() -> None:
     result = evaluate_classifier(Fixed(), x, y, batch_size=6, reference=reference)
     assert result["accuracy"] == 1.0 and result["agreement"] == pytest.approx(4 / 6)
     assert evaluate_classifier(Fixed(), x, y, batch_size=6)["agreement"] is None
+
+
+def test_profile_warns_when_a_busy_process_competes(tmp_path) -> None:
+    """A real spin loop runs beside a tiny pipeline: training takes fewer threads, while the profile
+    keeps every core it was asked for and warns in the log, report.json and report.md."""
+    import json
+    import os
+    import re
+
+    from edgekd.threads import usable_cores
+    from tests.test_cli import EDGEKD
+    from tests.test_threads import spinner
+
+    # let edgekd choose (this test process's own `import edgekd` set OMP_WAIT_POLICY: drop it too)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    process = spinner(seconds=280)
+    try:
+        # fmt: off
+        args = [
+            "compress", "--target", "cpu", "--name", "busy", "--set", f"runs_dir={tmp_path}",
+            "--set", "data.frames_per_class_snr=2", "--set", "teacher.train.epochs=1",
+            "--set", "distill.train.epochs=1", "--set", "quantize.calibration_samples=32",
+            "--set", "profile.iterations=10", "--set", "profile.warmup=1",
+        ]
+        # fmt: on
+        result = subprocess.run([*EDGEKD, *args], capture_output=True, text=True, env=env, timeout=280)
+    finally:
+        process.kill()
+        process.wait()
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    cores = usable_cores()
+    chosen = re.findall(r"(\d+) intra-op threads? \((\d+) cores, other processes busy on", result.stdout)
+    assert len(chosen) == 2, result.stdout  # once per training stage: teacher, distill
+    assert all(int(count) < cores or cores == 1 for count, _ in chosen)
+    assert "warning: measured while the machine was loaded" in result.stdout
+    report = json.loads((tmp_path / "busy" / "report.json").read_text())
+    load = report["measurement_load"]
+    assert load["loaded"] and load["other_busy_cores_max"] >= 0.5 and load["threads"] == cores
+    assert all(row["latency"]["threads"] == cores for row in report["rows"])  # not shrunk under load
+    assert all(row["machine_load"]["source"] == "/proc/stat" for row in report["rows"])
+    assert report["omp_wait_policy"] == {"value": "PASSIVE", "source": "edgekd default"}
+    markdown = (tmp_path / "busy" / "report.md").read_text()
+    assert "> **Warning:** measured while the machine was loaded" in markdown
+    assert "latency under load is not the device's latency" in markdown
+    assert "OpenMP wait policy (PyTorch rows): PASSIVE" in markdown

@@ -16,7 +16,7 @@ from edgekd.errors import QuantizeError
 from edgekd.export import export_onnx
 from edgekd.quantize import CalibrationSet, quantize_static_int8
 from edgekd.quantize.budget import AccuracyBudget
-from edgekd.quantize.ort import is_quantized
+from edgekd.quantize.ort import calibration_batch, is_quantized
 from edgekd.quantize.ort_accuracy import quantize_within_budget, rank_sensitive_nodes
 
 CLASSES = 4
@@ -186,6 +186,99 @@ def test_other_calibration_methods(fp32_model, calib, tmp_path) -> None:
     assert info["calibration"]["samples_used"] == len(calib)
 
 
+def activation_scales(path: Path) -> dict[str, float]:
+    """Scale of each activation QuantizeLinear (weights are quantised offline, so these are all inputs
+    or outputs of layers), by the tensor it quantises."""
+    graph = onnx.load(str(path)).graph
+    values = initializers(path)
+    return {
+        node.input[0]: float(values[node.input[1]])
+        for node in graph.node
+        if node.op_type == "QuantizeLinear" and values[node.input[1]].size == 1
+    }
+
+
+@pytest.fixture(scope="module")
+def calib_100() -> CalibrationSet:
+    """100 samples: not a multiple of the batch of 32 (numpy 2 broke ORT's histogram collectors on the
+    smaller last batch: "inhomogeneous shape")."""
+    x, _ = tones(100, seed=3)
+    return CalibrationSet(x, "tones-seed3", "none (raw IQ)", requested=100, min_samples=16)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_each_calibration_method_gives_a_sane_int8_model(
+    fp32_model, calib_100, workdir, method, symmetric
+) -> None:
+    out = workdir / f"student.int8-{method}-{'sym' if symmetric else 'asym'}.onnx"
+    info = quantize_static_int8(fp32_model, out, calib_100, method=method, symmetric_activations=symmetric)
+    assert info["method"] == method and info["calibration"]["samples_used"] == 100
+    assert info["calibration"]["batch_size"] == (32 if method == "minmax" else 25)
+    assert is_quantized(onnx.load(str(out))) and info["nodes_quantized"] > 0
+    x, y = tones(256, seed=2)
+    fp32, int8 = predict(fp32_model, x), predict(out, x)
+    assert (fp32 == int8).mean() >= 0.9
+    assert (int8 == y).mean() >= (fp32 == y).mean() - 0.05
+    scales = activation_scales(out)
+    assert scales and all(np.isfinite(s) and s > 0 for s in scales.values())
+    if method != "minmax":  # the histogram algorithms really ran: they clip ranges minmax keeps whole
+        reference = workdir / f"student.int8-minmax-{'sym' if symmetric else 'asym'}.onnx"
+        if not reference.exists():
+            quantize_static_int8(fp32_model, reference, calib_100, symmetric_activations=symmetric)
+        minmax = activation_scales(reference)
+        shared = set(scales) & set(minmax)
+        assert shared and any(scales[name] < 0.9999 * minmax[name] for name in shared)
+        assert all(scales[name] <= minmax[name] * 1.01 for name in shared)
+
+
+@pytest.mark.parametrize(
+    ("samples", "method", "fixed", "expected"),
+    [
+        (100, "minmax", None, 32),
+        (100, "entropy", None, 25),
+        (512, "percentile", None, 32),
+        (20, "entropy", None, 20),
+        (101, "percentile", None, 101),  # a prime: no equal batch of 8 or more, so one batch
+        (66, "entropy", None, 22),
+        (100, "entropy", 8, 8),  # a fixed batch axis dictates (and the reader drops the remainder)
+    ],
+)
+def test_calibration_batch_sizes(samples, method, fixed, expected) -> None:
+    assert calibration_batch(samples, method, fixed) == expected
+
+
+def test_model_with_nan_weights_is_refused_in_one_line(fp32_model, calib, tmp_path) -> None:
+    proto = onnx.load(str(fp32_model))
+    weight = max(proto.graph.initializer, key=lambda init: numpy_helper.to_array(init).size)
+    values = numpy_helper.to_array(weight).copy()
+    values[0, :3] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    diverged = tmp_path / "diverged.onnx"
+    onnx.save(proto, str(diverged))
+    for method in ("minmax", "entropy"):
+        with pytest.raises(QuantizeError) as caught:
+            quantize_static_int8(diverged, tmp_path / "q.onnx", calib, method=method)
+        message = str(caught.value)
+        assert "\n" not in message and str(diverged) in message and "AssertionError" not in message
+        assert f"3 weight values are non-finite (NaN/inf; first in {weight.name})" in message
+        assert "lower the learning rate" in message and not (tmp_path / "q.onnx").exists()
+
+
+def test_model_with_non_finite_outputs_is_refused_in_one_line(fp32_model, calib, tmp_path) -> None:
+    proto = onnx.load(str(fp32_model))
+    head = next(init for init in proto.graph.initializer if sorted(init.dims) == [CLASSES, 64])
+    values = np.full(numpy_helper.to_array(head).shape, 3e38, dtype=np.float32)  # finite, but sums overflow
+    head.CopyFrom(numpy_helper.from_array(values, head.name))
+    overflowing = tmp_path / "overflowing.onnx"
+    onnx.save(proto, str(overflowing))
+    with pytest.raises(QuantizeError) as caught:
+        quantize_static_int8(overflowing, tmp_path / "q.onnx", calib, method="percentile")
+    message = str(caught.value)
+    assert "\n" not in message and str(overflowing) in message and "FP32 model outputs" in message
+    assert "non-finite values (NaN/inf) on the calibration samples" in message
+
+
 def test_excluded_nodes_stay_in_float(fp32_model, calib, tmp_path) -> None:
     graph = onnx.load(str(fp32_model)).graph
     first_conv = next(node for node in graph.node if node.op_type == "Conv")
@@ -340,3 +433,36 @@ def test_sensitivity_ranking_names_real_nodes(fp32_model, asymmetric) -> None:
 def test_budget_out_of_range() -> None:
     with pytest.raises(QuantizeError, match="max_accuracy_drop must be between 0 and 1"):
         budget_frames(1.5)
+
+
+def test_truncated_int8_model_is_one_line_for_compile(asymmetric, tmp_path) -> None:
+    from edgekd.errors import ExportError
+    from edgekd.stages.compile import check_readable_onnx
+
+    path, _ = asymmetric
+    check_readable_onnx(path, "quantize")  # a whole model passes
+    cut = tmp_path / "student.int8.onnx"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    with pytest.raises(ExportError) as caught:
+        check_readable_onnx(cut, "quantize")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{cut}: not a valid ONNX model, truncated or damaged")
+    assert message.endswith("rerun with --force quantize")
+
+
+def test_nncf_refuses_a_model_with_nan_weights(fp32_model, calib, tmp_path) -> None:
+    ov = pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from edgekd.quantize.nncf import quantize_openvino
+
+    proto = onnx.load(str(fp32_model))
+    weight = max(proto.graph.initializer, key=lambda init: numpy_helper.to_array(init).size)
+    weight.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(weight), np.nan), weight.name))
+    onnx.save(proto, str(tmp_path / "diverged.onnx"))
+    with pytest.raises(QuantizeError) as caught:
+        quantize_openvino(ov.convert_model(str(tmp_path / "diverged.onnx")), calib)
+    message = str(caught.value)
+    assert (
+        "\n" not in message and f"{weight.dims[0] * weight.dims[1]} weight values are non-finite" in message
+    )
+    assert "lower the learning rate" in message

@@ -166,3 +166,38 @@ def test_cli_ranks_and_writes_json(tmp_path: Path):
     assert sorted(c["rank"] for c in saved["candidates"]) == [1, 2]
     scores = [c["score"] for c in saved["candidates"]]
     assert scores == sorted(scores) and all(s > 0 for s in scores)
+
+
+def test_map_warning_flags_maps_with_too_few_positions():
+    from edgekd.distill.search import MIN_POSITIONS, map_warning
+
+    assert MIN_POSITIONS == 4
+    assert map_warning("teacher", (2, 2)) is None and map_warning("teacher", (16,)) is None
+    one = map_warning("teacher", (1, 1))
+    assert one is not None and "1x1 (1 spatial position < 4)" in one and "data.image_size" in one
+    assert "1x3 (3 spatial positions < 4)" in map_warning("candidate 'x'", (1, 3))
+
+
+def image_data(side: int, frames: int = 12) -> tuple[ArrayDataset, ArrayDataset, DatasetMeta]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((frames, 3, side, side)).astype(np.float32)
+    data = ArrayDataset(x, np.arange(frames) % CLASSES, None)
+    meta = DatasetMeta("tiny-img", "classification", (3, side, side), ["a", "b", "c"], {}, "e" * 64, "test")
+    return data, data, meta
+
+
+@pytest.mark.parametrize(("side", "spatial"), [(32, [1, 1]), (64, [2, 2])])
+def test_rank_students_warns_when_the_last_map_is_too_small(side: int, spatial: list[int]):
+    torch.manual_seed(0)
+    teacher = build_model("timm:resnet10t", num_classes=CLASSES, in_channels=3, input_shape=(3, side, side))
+    lines: list[str] = []
+    (ranked,) = rank_students(teacher, ["timm:resnet10t"], image_data(side), batch=4, log=lines.append)
+    assert ranked.map_shape == spatial and ranked.score is not None
+    warnings = [line for line in lines if line.startswith("[search] warning:")]
+    if side == 32:  # ResNets reach 1x1 on 32x32 inputs: flagged for teacher and candidate, still scored
+        assert "the teacher's last feature map is 1x1" in ranked.map_warning
+        assert "candidate 'timm:resnet10t''s last feature map is 1x1" in ranked.map_warning
+        assert len(warnings) == 2 and "teacher" in warnings[0]
+        assert ranked.to_dict()["map_warning"] == ranked.map_warning  # goes into the JSON
+    else:
+        assert ranked.map_warning is None and not warnings

@@ -48,7 +48,8 @@ def test_registry_builds_each_method_and_suggests_names() -> None:
     assert {"none", "kd", "skd"} <= set(METHODS.names())
     assert not _method("none").needs_teacher
     assert _method("kd").needs_teacher and not _method("kd").needs_features
-    assert _method("skd").needs_teacher and _method("skd").needs_features
+    assert _method("skd").needs_teacher and not _method("skd").needs_features  # paper's SKD: logits only
+    assert _method("skd", beta=0.5).needs_features  # edgekd's opt-in embedding extension
     with pytest.raises(RecipeError, match="did you mean 'skd'"):
         _method("skdd")
 
@@ -107,6 +108,16 @@ def test_skd_reduces_to_its_formula_on_a_hand_example() -> None:
     assert loss.item() == pytest.approx(_hand_kd(alpha, temperature) + beta * feature_term, rel=1e-5)
 
 
+def test_skd_default_is_the_papers_soft_targets_plus_labels() -> None:
+    """ClST's SKD: alpha * T^2 * KL + (1 - alpha) * CE; the embedding term is off unless asked for."""
+    method = _method("skd", alpha=0.6, temperature=2.0)
+    assert method.options.beta == 0.0
+    assert not method.needs_features and method.connector is None and not list(method.parameters())
+    loss = method.loss(ModelOutputs(_one(STUDENT)), ModelOutputs(_one(TEACHER)), torch.tensor([LABEL]), STATE)
+    # The same hand numbers as kd: 0.6 * 4 * .2205 + 0.4 * .4076 = .6923.
+    assert loss.item() == pytest.approx(0.6923, abs=1e-4)
+
+
 def test_skd_with_beta_zero_is_kd_and_needs_no_features() -> None:
     method = _method("skd", beta=0.0, alpha=0.6, temperature=2.0)
     assert not method.needs_features and method.connector is None
@@ -117,14 +128,14 @@ def test_skd_with_beta_zero_is_kd_and_needs_no_features() -> None:
 
 def test_skd_needs_features_when_beta_positive() -> None:
     with pytest.raises(ValueError, match="features"):
-        _method("skd").loss(
+        _method("skd", beta=0.5).loss(
             ModelOutputs(_one(STUDENT)), ModelOutputs(_one(TEACHER)), torch.tensor([LABEL]), STATE
         )
 
 
 @pytest.mark.parametrize("name", ["kd", "skd"])
 def test_gradients_reach_student_and_connector_never_teacher(name: str) -> None:
-    method = _method(name, student_dim=4, teacher_dim=6)
+    method = _method(name, student_dim=4, teacher_dim=6, **({"beta": 0.5} if name == "skd" else {}))
     student_logits = torch.randn(5, 3, requires_grad=True)
     student_features = torch.randn(5, 4, requires_grad=True)
     teacher_logits = torch.randn(5, 3, requires_grad=True)  # as if the teacher were not frozen
@@ -146,7 +157,8 @@ def test_gradients_reach_student_and_connector_never_teacher(name: str) -> None:
 @pytest.mark.parametrize("name", ["none", "kd", "skd"])
 @pytest.mark.parametrize("scale", [1e4, 1e30])
 def test_loss_is_finite_for_extreme_logits(name: str, scale: float) -> None:
-    method = _method(name, student_dim=4, teacher_dim=6, temperature=0.5)
+    extra = {"beta": 0.5} if name == "skd" else {}
+    method = _method(name, student_dim=4, teacher_dim=6, temperature=0.5, **extra)
     student_logits = (torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.5]]) * scale).requires_grad_()
     teacher_logits = torch.tensor([[-1.0, 1.0, 0.0], [1.0, -1.0, 0.0]]) * scale
     student_features = torch.zeros(2, 4, requires_grad=True)  # zero embeddings: no division by zero

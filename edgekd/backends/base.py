@@ -6,7 +6,6 @@ can load and profile artifacts.
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 
 from edgekd.errors import RecipeError
+from edgekd.threads import usable_cores
 
 if TYPE_CHECKING:
     from edgekd.quantize.calibration import CalibrationSet
@@ -111,13 +111,16 @@ class Backend(ABC):
 
 
 def default_threads() -> int:
-    """Cores this process may run on (CPU affinity where the OS reports it, else the core count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """Cores this process may run on: its CPU affinity, capped by a container's CPU quota."""
+    return usable_cores()
 
 
 def resolve_threads(threads: int | None) -> int:
+    """The profile's thread count: ``profile.threads`` exactly as the recipe asks, or every usable core
+    when unset. Deliberately not shrunk when the machine is busy: latency is measured with a fixed,
+    recorded count, and the profile stage warns instead when other processes loaded the machine
+    (:func:`edgekd.threads.load_summary`). Training sizes its threads to the free cores
+    (:func:`edgekd.threads.training_threads`)."""
     if threads is None:
         return default_threads()
     if threads < 1:

@@ -5,6 +5,7 @@ Standard library only: the device-side profiler checks a bundle with it before l
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from edgekd.errors import BundleError
@@ -19,8 +20,26 @@ def render_sums(directory: Path, names: list[str]) -> str:
     return "".join(f"{sha256_file(directory / name)}  {name}\n" for name in sorted(names))
 
 
+def refuse_links(directory: Path) -> None:
+    """BundleError naming the first entry of ``directory`` that is a symbolic link or not a regular
+    file: a bundle is flat, and a link would make verify or the device load a file from outside it."""
+    for entry in sorted(directory.iterdir()):
+        if entry.is_symlink():
+            raise BundleError(
+                f"{entry}: is a symbolic link (to {os.readlink(entry)}); a bundle holds only regular "
+                f"files: replace the link with the file it names, or rebuild the bundle"
+            )
+        if not entry.is_file():
+            raise BundleError(f"{entry}: is not a regular file (a bundle holds no directories); remove it")
+
+
 def read_sums(directory: Path) -> dict[str, str]:
-    """``{name: sha256}`` from ``directory/SHA256SUMS``; BundleError naming the file when unreadable."""
+    """``{name: sha256}`` from ``directory/SHA256SUMS``; BundleError naming the file when unreadable.
+
+    Symbolic links and directories inside the bundle are refused first (:func:`refuse_links`).
+    """
+    if directory.is_dir():
+        refuse_links(directory)
     path = directory / SUMS_FILE
     if not path.is_file():
         raise BundleError(f"{directory} is not an edgekd bundle: {SUMS_FILE} is missing")

@@ -18,6 +18,7 @@ from edgekd.data.base import (
     ArrayDataset,
     DatasetMeta,
     normalise_frames,
+    require_classes,
     stratified_split,
 )
 from edgekd.data.radio import MODULATIONS, RML2018_CLASSES, SNR_LEVELS, synthesize
@@ -45,12 +46,16 @@ def build_dataset(spec: DataSpec, seed: int) -> tuple[ArrayDataset, ArrayDataset
 
     ``spec.val_fraction`` of the frames is held out, stratified and deterministic from ``seed``,
     unless the source comes with its own split. An unknown name raises
-    :class:`~edgekd.errors.RecipeError` listing the known ones; a missing or malformed file raises
+    :class:`~edgekd.errors.RecipeError` listing the known ones; a missing or malformed file, a size
+    that cannot fit in memory, or fewer than two classes (in the train frames) raise
     :class:`~edgekd.errors.DataError`.
     """
     data, meta = DATASETS.get(spec.name)(spec, seed)
+    hint = "use a dataset of several classes (check data.path, data.snr_min/snr_max and data.max_frames)"
     if isinstance(data, tuple):  # the source's own (train, val) split
+        require_classes(data[0], meta.classes, meta.source, hint)
         return data[0], data[1], meta
+    require_classes(data, meta.classes, meta.source, hint)
     train, val = stratified_split(data, spec.val_fraction, seed, meta.source)
     return train, val, meta
 

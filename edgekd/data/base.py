@@ -8,6 +8,7 @@ val/) returns that ``(train, val)`` pair instead.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -67,6 +68,11 @@ DatasetBuilder = Callable[
     [DataSpec, int], tuple[ArrayDataset | tuple[ArrayDataset, ArrayDataset], DatasetMeta]
 ]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
+
+MIN_CLASSES = 2  # a classifier of one class is right by construction: its accuracy says nothing
+# Shortest IQ frame a file may hold: the recipe's lower bound for data.frame_length (the models'
+# own minimum, e.g. after their pooling, is checked by a forward pass before training).
+MIN_FRAME_LENGTH = 16
 
 NORMALISATION_EPS = 1e-12
 NORMALISATION = {
@@ -153,3 +159,68 @@ def hide_labels(data: ArrayDataset, keep_fraction: float, seed: int) -> ArrayDat
     labels = np.full_like(data.y, -1)
     labels[keep] = data.y[keep]
     return ArrayDataset(data.x, labels, data.snr)
+
+
+def require_classes(data: ArrayDataset, classes: list[str], source: str, hint: str) -> None:
+    """:class:`DataError` unless ``data`` holds frames of at least :data:`MIN_CLASSES` classes.
+
+    One class would train and "deploy" at accuracy 1.0 while distinguishing nothing. ``hint`` says
+    which recipe field or file to change.
+    """
+    present = np.unique(data.y[data.y >= 0]) if len(data) else np.empty(0, dtype=np.int64)
+    if len(present) >= MIN_CLASSES:
+        return
+    names = ", ".join(classes[int(i)] if 0 <= int(i) < len(classes) else str(int(i)) for i in present)
+    raise DataError(
+        f"{source}: the kept frames hold {len(present)} class{'es' if len(present) != 1 else ''}"
+        f"{f' ({names})' if names else ''}, a classifier needs at least {MIN_CLASSES}; {hint}"
+    )
+
+
+def require_finite(values: np.ndarray, source: str, what: str) -> None:
+    """:class:`DataError` naming ``what`` (e.g. the file's dataset key) if ``values`` hold NaN or inf."""
+    bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise DataError(
+            f"{source}: {what} holds {bad} non-finite value(s) (NaN/inf); the file is damaged, "
+            "download it again or remove those frames"
+        )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now, or None where this cannot be told.
+
+    Linux's ``MemAvailable`` (/proc/meminfo: free memory plus reclaimable caches), else the free
+    physical pages from ``os.sysconf``. Container limits are not considered.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _gigabytes(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def check_memory(estimate: float, source: str, culprit: str, remedy: str) -> None:
+    """:class:`DataError` when building a dataset would need more than the available memory.
+
+    ``estimate`` is a rough peak in bytes (the arrays and their working copies, see each source);
+    ``culprit`` names the recipe field(s) behind it and ``remedy`` what to lower. Checked before
+    anything is allocated, so a size that cannot fit fails in a second instead of swapping or
+    being killed mid-run.
+    """
+    available = available_memory()
+    if available is not None and estimate > available:
+        raise DataError(
+            f"{source}: {culprit} needs about {_gigabytes(estimate)} of memory to build the dataset, "
+            f"but only {_gigabytes(available)} is available; {remedy}"
+        )

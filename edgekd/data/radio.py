@@ -26,10 +26,13 @@ import numpy as np
 
 from edgekd.data.base import (
     DATASETS,
+    MIN_FRAME_LENGTH,
     NORMALISATION,
     ArrayDataset,
     DatasetMeta,
+    check_memory,
     normalise_frames,
+    require_finite,
     seeded_rng,
     strata,
     stratified_pick,
@@ -74,6 +77,17 @@ MARGIN = 64  # samples generated beyond each end of a frame (filter transients)
 WINDOW_SLACK = 4 * SAMPLES_PER_SYMBOL  # random frame start range, so frames start anywhere in a symbol
 
 HDF5_BLOCK = 4096  # rows read from an HDF5 dataset at a time
+SNR_LIMIT_DB = 1000  # a stored SNR beyond +-this is not an SNR (and would not fit the int16 kept)
+
+# Memory estimates (bytes) checked before a dataset is built, see edgekd.data.base.check_memory.
+# The kept float32 frames exist about this many times at once (per-source arrays, concatenation,
+# normalisation, the train/val subsets):
+FRAME_COPIES = 4
+# The synthetic generator holds about this many complex128 arrays of twice the generation length
+# (FFT filtering pads to a power of two) per modulation while it works:
+SYNTHETIC_WORKING_ARRAYS = 6
+# An RML2016.10a pickle is float32 arrays, so its size is about one copy of the frames.
+PICKLE_COPIES = FRAME_COPIES + 1
 
 Modulator = Callable[[int, int, np.random.Generator], np.ndarray]
 
@@ -331,8 +345,22 @@ def _synthetic_snrs(spec: DataSpec) -> list[int]:
     return snrs
 
 
+def synthetic_memory(spec: DataSpec) -> int:
+    """Rough peak bytes :func:`generate_synthetic` needs: the working arrays of one modulation plus
+    :data:`FRAME_COPIES` copies of all float32 frames."""
+    per_class = len(_synthetic_snrs(spec)) * spec.frames_per_class_snr
+    working = SYNTHETIC_WORKING_ARRAYS * per_class * 2 * _generation_length(spec.frame_length) * 16
+    return working + FRAME_COPIES * len(MODULATIONS) * per_class * 2 * spec.frame_length * 4
+
+
 def generate_synthetic(spec: DataSpec, seed: int) -> ArrayDataset:
     """All synthetic frames (class-major order): ``spec.frames_per_class_snr`` per (class, SNR)."""
+    check_memory(
+        synthetic_memory(spec),
+        "radio-synthetic",
+        f"data.frame_length={spec.frame_length} with data.frames_per_class_snr={spec.frames_per_class_snr}",
+        "lower data.frame_length or data.frames_per_class_snr",
+    )
     snr = np.repeat(np.asarray(_synthetic_snrs(spec), dtype=np.int16), spec.frames_per_class_snr)
     rng = seeded_rng(seed, "radio-synthetic")
     x = np.concatenate([to_iq(synthesize(m, snr, spec.frame_length, rng).received) for m in MODULATIONS])
@@ -498,15 +526,27 @@ def _rml2016_arrays(table: object, path: Path) -> tuple[list[str], np.ndarray, n
         if not (isinstance(value, np.ndarray) and value.ndim == 3 and value.shape[1] == 2):
             shape = getattr(value, "shape", type(value).__name__)
             raise DataError(f"{path}: entry {key!r} has shape {shape}; {_RML2016_FORMAT}")
+        if value.dtype.kind not in "fiu":  # object, complex, string or structured arrays
+            raise DataError(f"{path}: entry {key!r} holds {value.dtype} values; {_RML2016_FORMAT}")
+        require_finite(value, str(path), f"entry {key!r}")
     lengths = sorted({value.shape[2] for value in table.values()})
     if len(lengths) > 1:
         raise DataError(f"{path}: frames of different lengths {lengths}; {_RML2016_FORMAT}")
+    _check_frame_length(lengths[0], path)
     classes = sorted({mod for mod, _ in table})
     keys = sorted(table, key=lambda key: (classes.index(key[0]), int(key[1])))
     x = np.concatenate([np.asarray(table[key], dtype=np.float32) for key in keys])
     y = np.concatenate([np.full(len(table[key]), classes.index(key[0]), dtype=np.int64) for key in keys])
     snr = np.concatenate([np.full(len(table[key]), int(key[1]), dtype=np.int16) for key in keys])
     return classes, x, y, snr
+
+
+def _check_frame_length(length: int, path: Path) -> None:
+    if length < MIN_FRAME_LENGTH:
+        raise DataError(
+            f"{path}: frames are {length} samples long, shorter than the {MIN_FRAME_LENGTH} the models "
+            "accept; use a file of longer frames"
+        )
 
 
 @DATASETS.register("rml2016", aliases=("rml2016.10a",))
@@ -517,6 +557,12 @@ def load_rml2016(spec: DataSpec, seed: int) -> tuple[ArrayDataset, DatasetMeta]:
     it is read with a restricted unpickler. Classes are the sorted modulation names.
     """
     path = _require_file(spec, "RML2016.10a pickle (RML2016.10a_dict.pkl)")
+    check_memory(
+        PICKLE_COPIES * path.stat().st_size,
+        str(path),
+        f"data.path (a {path.stat().st_size / 2**30:.1f} GiB pickle, read whole)",
+        "use a smaller file or a machine with more memory",
+    )
     classes, x, y, snr = _rml2016_arrays(load_pickle(path), path)
     keep = select_frames(y, snr, spec, seed, str(path))
     data = ArrayDataset(normalise_frames(x[keep]), y[keep], snr[keep])
@@ -532,6 +578,12 @@ def _rml2018_datasets(handle: h5py.File, path: Path) -> tuple[h5py.Dataset, h5py
             "Y (N, classes) one-hot, Z (N, 1) SNR"
         )
     xs, ys, zs = handle["X"], handle["Y"], handle["Z"]
+    for name, dataset in (("X", xs), ("Y", ys), ("Z", zs)):
+        if dataset.dtype.kind not in "fiu":
+            raise DataError(
+                f"{path}: dataset {name} holds {dataset.dtype} values, not numbers; expected RML2018.01a's "
+                "float X, one-hot Y and SNR Z"
+            )
     n = xs.shape[0] if xs.ndim else 0
     if not (
         xs.ndim == 3
@@ -588,10 +640,25 @@ def load_rml2018(spec: DataSpec, seed: int) -> tuple[ArrayDataset, DatasetMeta]:
     try:
         with h5py.File(path, "r") as handle:
             xs, ys, zs = _rml2018_datasets(handle, path)
+            _check_frame_length(xs.shape[1], path)
             y = _one_hot_labels(ys, path)
-            snr = np.asarray(zs[()], dtype=np.int16).reshape(-1)
+            snr_values = np.asarray(zs[()], dtype=np.float64).reshape(-1)
+            require_finite(snr_values, str(path), "dataset Z (SNR)")
+            if np.any(np.abs(snr_values) > SNR_LIMIT_DB):
+                raise DataError(
+                    f"{path}: dataset Z holds SNRs outside -{SNR_LIMIT_DB}..{SNR_LIMIT_DB} dB; "
+                    "expected RML2018.01a's SNR in dB"
+                )
+            snr = np.rint(snr_values).astype(np.int16)
             keep = select_frames(y, snr, spec, seed, str(path))
+            check_memory(
+                FRAME_COPIES * len(keep) * 2 * xs.shape[1] * 4,
+                str(path),
+                f"{len(keep)} frames of {xs.shape[1]} samples (data.max_frames={spec.max_frames})",
+                "set data.max_frames lower, or narrow data.snr_min..data.snr_max",
+            )
             x = _read_frames(xs, keep)
+            require_finite(x, str(path), "dataset X")
             n_classes = ys.shape[1]
     except (OSError, KeyError, ValueError) as exc:
         raise DataError(f"{path}: truncated or unreadable HDF5 file ({exc}); download it again") from None

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgekd.data.base import DATASETS, ArrayDataset, DatasetMeta, seeded_rng, strata, stratified_pick
+from edgekd.data.base import (
+    DATASETS,
+    ArrayDataset,
+    DatasetMeta,
+    check_memory,
+    seeded_rng,
+    strata,
+    stratified_pick,
+)
 from edgekd.errors import DataError
 from edgekd.hashing import sha256_json
 from edgekd.recipe import DataSpec
@@ -35,6 +43,15 @@ IMAGE_NORMALISATION = "image-mean-std"
 # torchvision's ImageFolder extensions (matched case-insensitively).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 DIGITS_VERSION = 1  # bump when the digits preprocessing changes (invalidates cached fingerprints)
+DIGITS_COUNT = 1797  # images in scikit-learn's digits
+# Memory estimate (see edgekd.data.base.check_memory): float32 (3, S, S) images exist about this many
+# times at once while a dataset is built (decoded/resized, stacked, normalised, train/val subsets).
+IMAGE_COPIES = 4
+
+
+def image_memory(images: int, size: int) -> int:
+    """Rough peak bytes of building ``images`` float32 RGB images of ``size`` x ``size``."""
+    return IMAGE_COPIES * images * 3 * size * size * 4
 
 
 def _per_channel(values: tuple[float, ...]) -> np.ndarray:
@@ -104,6 +121,12 @@ def load_digits_dataset(spec: DataSpec, seed: int) -> tuple[ArrayDataset, Datase
     """scikit-learn's 8x8 digits, upsampled bilinearly to ``spec.image_size`` and replicated to RGB."""
     from sklearn.datasets import load_digits
 
+    check_memory(
+        image_memory(DIGITS_COUNT, spec.image_size),
+        "digits",
+        f"data.image_size={spec.image_size} ({DIGITS_COUNT} images)",
+        "lower data.image_size",
+    )
     bunch = load_digits()
     pixels = np.asarray(bunch.images, dtype=np.float32) / 16.0  # 0..16 intensities -> [0, 1]
     resized = F.interpolate(
@@ -242,6 +265,16 @@ def load_image_folder(
         raise DataError(
             f"{root}: found {len(classes)} class folder(s), need at least 2; {_layout_hint(root)}"
         )
+    kept = sum(
+        min(spec.max_frames or total, total)
+        for total in (sum(len(files) for files in part.values()) for part in parts.values())
+    )
+    check_memory(
+        image_memory(kept, spec.image_size),
+        str(root),
+        f"data.image_size={spec.image_size} for {kept} images (data.max_frames={spec.max_frames})",
+        "lower data.image_size or set data.max_frames",
+    )
     loaded = {
         name: _load_split(root / ("" if name == "all" else name), files, classes, spec, seed, name)
         for name, files in parts.items()

@@ -31,10 +31,19 @@ it departs, on purpose:
 
 Maps may be (B, C, H, W) (timm) or (B, C, L) (edgekd's radio models): only the flattened spatial
 axes S are used. The last feature map is the output of the model's last ``hint_layers`` entry.
+
+Where the score means little: with fewer than :data:`MIN_POSITIONS` spatial positions in the last
+map (e.g. 1x1, which a ResNet reaches on 32x32 inputs), Grad-CAM has no spatial extent: each class
+map is one number per sample, ``sum_c alpha_kc F_c``, i.e. (up to the bias) the logit itself, so
+the semantic term only compares logit correlations of untrained networks, and the relation term
+compares pooled vectors. The paper scores 32x32 CIFAR students whose last maps are 8x8. Such a
+candidate is still scored, but flagged: a ``map_warning`` in its JSON entry and a warning line in
+the log (raise ``data.image_size``, e.g. 64 or 96, for image data).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,6 +57,8 @@ from edgekd.distill.outputs import model_outputs
 from edgekd.errors import ModelError, RecipeError
 from edgekd.models import build_model, model_factory
 from edgekd.models.stats import count_flops, count_parameters
+
+MIN_POSITIONS = 4  # spatial positions (e.g. 2x2) below which Grad-CAM maps degenerate to logits
 
 LATENCY_PROTOCOL = {
     "runtime": "PyTorch FP32 (edgekd.backends.torch.TorchRunner, torch.inference_mode)",
@@ -87,6 +98,8 @@ class Candidate:
     semantic: float | None = None
     relation: float | None = None
     rank: int | None = None  # 1 = most similar to the teacher; None when excluded
+    map_shape: list[int] | None = None  # spatial shape of the candidate's last feature map
+    map_warning: str | None = None  # why the score means little here (last map too small), if so
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -143,6 +156,32 @@ def _last_map_and_logits(model: nn.Module, x: torch.Tensor, role: str) -> tuple[
             f"{role}: its last hint layer {model.hint_layers[-1]!r} gave {shape}, not a (B, C, ...) map"
         )
     return feature_map, outputs.logits
+
+
+def last_map_spatial_shape(model: nn.Module, x: torch.Tensor, role: str = "model") -> tuple[int, ...]:
+    """Spatial shape (H, W) or (L,) of ``model``'s last hint-layer map on inputs like ``x``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            feature_map, _ = _last_map_and_logits(model, x[:2], role)
+    finally:
+        model.train(was_training)
+    return tuple(int(n) for n in feature_map.shape[2:])
+
+
+def map_warning(role: str, spatial: tuple[int, ...]) -> str | None:
+    """A one-line warning when a last feature map has fewer than :data:`MIN_POSITIONS` positions."""
+    positions = math.prod(spatial)
+    if positions >= MIN_POSITIONS:
+        return None
+    size = "x".join(str(n) for n in spatial) or "1"
+    return (
+        f"the {role}'s last feature map is {size} ({positions} spatial position"
+        f"{'' if positions == 1 else 's'} < {MIN_POSITIONS}): Grad-CAM has no spatial extent there, "
+        "so the DisWOT score compares little more than logits; use larger inputs "
+        "(e.g. data.image_size=64 or 96)"
+    )
 
 
 def model_grams(model: nn.Module, x: torch.Tensor, role: str = "model") -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +279,9 @@ def rank_students(
     train, _val, meta = data
     x = search_batch(train, batch, seed)
     teacher_grams = model_grams(teacher, x, "teacher")
+    teacher_warning = map_warning("teacher", last_map_spatial_shape(teacher, x, "teacher"))
+    if teacher_warning is not None and log is not None:
+        log(f"[search] warning: {teacher_warning}")
     ranked: list[Candidate] = []
     for name in names:
         torch.manual_seed(seed)
@@ -255,12 +297,19 @@ def rank_students(
         reason = _over_budget(flops, latency, budget)
         candidate = Candidate(name, count_parameters(student), flops, latency, reason is None, reason)
         if reason is None:
-            distances = diswot_distances(teacher_grams, student, x, role=f"candidate {name!r}")
+            role = f"candidate {name!r}"
+            distances = diswot_distances(teacher_grams, student, x, role=role)
             candidate.score, candidate.semantic = distances["score"], distances["semantic"]
             candidate.relation = distances["relation"]
+            spatial = last_map_spatial_shape(student, x, role)
+            candidate.map_shape = list(spatial)
+            warnings = [w for w in (map_warning(role, spatial), teacher_warning) if w is not None]
+            candidate.map_warning = "; ".join(warnings) or None
         if log is not None:
             what = f"score {candidate.score:.4f}" if reason is None else f"excluded: {reason}"
             log(f"[search] {name}: {what}")
+            if candidate.map_warning is not None and candidate.map_warning != teacher_warning:
+                log(f"[search] warning: {name}: {candidate.map_warning}")
         ranked.append(candidate)
     scored = sorted((c for c in ranked if c.score is not None), key=lambda c: c.score)
     for position, candidate in enumerate(scored, start=1):

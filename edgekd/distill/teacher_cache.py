@@ -4,11 +4,15 @@ Logits and penultimate features of every (variant, sample) pair are stored as ``
 shape (K, N, ·) under a directory keyed by the hash of the teacher checkpoint, the dataset
 fingerprint and the augmentation bank's settings, so every logit- or embedding-based method and
 every later run with the same teacher, data and bank reuses them; they are read back memory-mapped.
-Without augmentation K = 1 (the samples themselves).
+Without augmentation K = 1 (the samples themselves). ``entry.json``, written last, records each
+file's SHA-256 and shape: an entry without it (a killed write), truncated, or whose files changed
+since they were written is recomputed, with a one-line note saying why.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +24,11 @@ from torch import nn
 from edgekd import atomic
 from edgekd.console import progress
 from edgekd.data.augment import AugmentationBank
-from edgekd.hashing import sha256_json
+from edgekd.errors import OutputError, first_line
+from edgekd.hashing import sha256_file, sha256_json
+
+ENTRY_FILE = "entry.json"
+_ARRAYS = ("logits", "features")
 
 
 @dataclass
@@ -69,22 +77,70 @@ def cached_teacher_outputs(
     key: str,
     bank: AugmentationBank | None = None,
     batch_size: int = 512,
+    log: Callable[[str], None] = print,
 ) -> tuple[TeacherOutputs, bool]:
-    """Teacher outputs for ``x`` from ``cache_dir/key`` if present, else computed and stored.
+    """Teacher outputs for ``x`` from ``cache_dir/key`` if present and intact, else computed and stored.
 
-    Returns the outputs and whether they came from the cache.
+    Returns the outputs and whether they came from the cache. A damaged entry is recomputed (and
+    ``log`` says why); a cache directory that cannot be written is an :class:`OutputError`.
     """
     folder = cache_dir / key
-    logits_path, features_path = folder / "logits.npy", folder / "features.npy"
+    atomic.remove_stale_temps(folder)
     expected = (bank.variants if bank is not None else 1, len(x))
-    if logits_path.is_file() and features_path.is_file():
-        logits = np.load(logits_path, mmap_mode="r")
-        if logits.shape[:2] == expected:
-            return TeacherOutputs(logits, np.load(features_path, mmap_mode="r")), True
+    cached, why = _read_entry(folder, expected)
+    if cached is not None:
+        return cached, True
+    if why is not None:
+        log(f"  teacher cache {key}: {why}; recomputing")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ENTRY_FILE).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the teacher cache {folder}: {exc.strerror or exc}; make {cache_dir} a writable "
+            "directory, or turn the cache off with --set distill.teacher_cache=false"
+        ) from None
     outputs = compute_teacher_outputs(teacher, x, batch_size, bank)
-    _save_npy(features_path, outputs.features)
-    _save_npy(logits_path, outputs.logits)
+    entry: dict[str, Any] = {}
+    for name in _ARRAYS:
+        array = getattr(outputs, name)
+        path = folder / f"{name}.npy"
+        _save_npy(path, array)
+        entry[name] = {"file": path.name, "shape": list(array.shape), "sha256": sha256_file(path)}
+    atomic.write_json(folder / ENTRY_FILE, entry)
     return outputs, False
+
+
+def _read_entry(folder: Path, expected: tuple[int, int]) -> tuple[TeacherOutputs | None, str | None]:
+    """The entry's arrays (memory-mapped) if every file is there with its recorded hash and shape.
+
+    Otherwise None and why it cannot be used (None as well when there is no entry at all).
+    """
+    paths = {name: folder / f"{name}.npy" for name in _ARRAYS}
+    if not any(path.exists() for path in [*paths.values(), folder / ENTRY_FILE]):
+        return None, None
+    try:
+        entry = json.loads((folder / ENTRY_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, f"{ENTRY_FILE} is missing (an interrupted write, or an older edgekd)"
+    except (OSError, ValueError) as exc:
+        return None, f"{ENTRY_FILE} is unreadable ({type(exc).__name__})"
+    arrays: dict[str, np.ndarray] = {}
+    for name, path in paths.items():
+        record = entry.get(name) if isinstance(entry, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+            return None, f"{ENTRY_FILE} has no sha256 for {path.name}"
+        if not path.is_file():
+            return None, f"{path.name} is missing"
+        try:
+            if sha256_file(path) != record["sha256"]:
+                return None, f"{path.name} changed since it was written (sha256 mismatch)"
+            arrays[name] = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            return None, f"{path.name} is unreadable ({first_line(exc)})"
+        if arrays[name].shape[:2] != expected or list(arrays[name].shape) != record.get("shape"):
+            return None, f"{path.name} has shape {arrays[name].shape}, expected {expected} in front"
+    return TeacherOutputs(arrays["logits"], arrays["features"]), None
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -2,14 +2,19 @@
 
 Deterministic and resumable: the batch order of epoch ``e`` comes from ``seed`` and ``e`` alone, the
 torch generator is reseeded per epoch, and ``latest.pt`` (model, method parts, optimiser, scheduler,
-history) is written atomically after every epoch. A rerun with the same fingerprint continues from
-the epoch after the last one saved. Both the last-epoch and the best-epoch accuracy are recorded;
-the model handed on is the last epoch's (the held-out split is the evaluation set, so picking the
-best epoch on it would overstate accuracy).
+history) is written atomically after every epoch, with a hash of its own content (``torch.load``
+checks no CRC, so a byte changed on disk would otherwise load as different weights). A rerun with the
+same fingerprint continues from the epoch after the last one saved; a ``latest.pt`` that is truncated
+or changed since it was written is ignored with a note (training starts from epoch 1). Training that
+diverges (a non-finite loss or weight) stops at the end of that epoch with a :class:`TrainingError`
+naming the learning rate to lower, and that epoch is not saved. Both the last-epoch and the
+best-epoch accuracy are recorded; the model handed on is the last epoch's (the held-out split is the
+evaluation set, so picking the best epoch on it would overstate accuracy).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +31,8 @@ from edgekd.data.base import ArrayDataset
 from edgekd.distill.methods.base import DistillMethod, ModelOutputs
 from edgekd.distill.outputs import model_outputs
 from edgekd.distill.teacher_cache import TeacherOutputs, compute_teacher_outputs
-from edgekd.errors import ModelError, first_line
+from edgekd.errors import ModelError, TrainingError, first_line
+from edgekd.hashing import sha256_state
 from edgekd.recipe import TrainSpec
 
 LATEST = "latest.pt"
@@ -111,13 +117,16 @@ def train(
     bank: AugmentationBank | None = None,
     label: str = "train",
     log: Callable[[str], None] = print,
+    stage: str = "train",
+    lr_field: str = "train.lr",
 ) -> TrainResult:
     """Train ``model`` with ``method``'s loss for ``spec.epochs``, resuming from ``latest.pt``.
 
     Each epoch visits every fit sample once in a seeded order; with an augmentation ``bank`` each
     visit uses one of the sample's K variants, drawn from the seed and the epoch. Train labels of
     -1 mark unlabelled samples (semi-supervised methods). After the last epoch the method's
-    :meth:`~DistillMethod.finalize` turns the student into the deployed model.
+    :meth:`~DistillMethod.finalize` turns the student into the deployed model. ``stage`` and
+    ``lr_field`` (the recipe field of ``spec.lr``) name what to lower when training diverges.
     """
     source = _TeacherSource(teacher, teacher_outputs, method)
     x_all, y_all = torch.from_numpy(train_set.x), torch.from_numpy(train_set.y)
@@ -184,6 +193,7 @@ def train(
                     method.meta_step(model, (x, y, teacher_batch), (x_all[pick], y_all[pick]), state)
                 total += float(loss.detach())
                 batches += 1
+            _check_finite(total / batches, model, method, stage, epoch, spec, lr_field)
             accuracy = predict_accuracy(model, val_set)
             result.history.append(
                 {
@@ -197,6 +207,29 @@ def train(
     method.finalize(model)
     result.deployed_accuracy = predict_accuracy(model, val_set)
     return result
+
+
+def _check_finite(
+    loss: float,
+    model: nn.Module,
+    method: DistillMethod,
+    stage: str,
+    epoch: int,
+    spec: TrainSpec,
+    lr_field: str,
+) -> None:
+    """Stop a diverged training: the epoch's mean loss or any weight, buffer or method part non-finite."""
+    tensors = [
+        *(t for t in model.state_dict().values() if t.is_floating_point()),
+        *(p for p in method.student_parameters() if p.is_floating_point()),
+    ]
+    bad = sum(1 for t in tensors if not bool(torch.isfinite(t).all()))
+    if math.isfinite(loss) and bad == 0:
+        return
+    raise TrainingError(
+        f"[{stage}] training diverged in epoch {epoch + 1} of {spec.epochs} (train loss {loss:.4g}, "
+        f"{bad} of {len(tensors)} weight tensors not finite); lower {lr_field} (now {spec.lr:g}) and rerun"
+    )
 
 
 def _dataset_teacher_outputs(
@@ -234,7 +267,7 @@ def _save_latest(
         "scheduler": scheduler.state_dict(),
         "history": result.history,
     }
-    write_torch(path, state)
+    write_torch(path, {**state, "sha256": sha256_state(state)})
 
 
 def _resume(
@@ -247,27 +280,44 @@ def _resume(
     result: TrainResult,
     log: Callable[[str], None],
 ) -> int:
-    """Load ``latest.pt`` if it belongs to this very configuration; return the first epoch to run."""
+    """Load ``latest.pt`` if it belongs to this very configuration; return the first epoch to run.
+
+    A checkpoint that cannot be read (truncated), that changed since it was written (its content
+    hash differs) or that has the wrong shape is ignored with a one-line note: training starts
+    from epoch 1.
+    """
     if not path.is_file():
         return 0
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a checkpoint from a crash mid-write cannot exist (atomic), but be safe
-        log(f"  ignoring unreadable {path}; starting from epoch 1")
+    except Exception as exc:  # truncated or damaged on disk: the write itself is atomic
+        log(f"  ignoring {path}: unreadable ({first_line(exc)}); starting from epoch 1")
+        return 0
+    if not isinstance(state, dict):
+        log(f"  ignoring {path}: not an edgekd training checkpoint; starting from epoch 1")
         return 0
     if state.get("fingerprint") != fingerprint:
+        return 0
+    recorded = state.pop("sha256", None)
+    if recorded is None or recorded != sha256_state(state):
+        why = "it records no content hash" if recorded is None else "changed since it was written"
+        log(f"  ignoring {path}: {why} (sha256 mismatch); starting from epoch 1")
+        return 0
+    epoch, history = state.get("epoch"), state.get("history")
+    if not isinstance(epoch, int) or not isinstance(history, list):
+        log(f"  ignoring {path}: no epoch or history in it; starting from epoch 1")
         return 0
     try:
         model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, KeyError, ValueError) as exc:
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise ModelError(
             f"{path} does not fit this training ({first_line(exc)}); it is likely from an earlier edgekd "
             "version: delete it to rerun the stage from epoch 1"
         ) from None
-    result.history = list(state["history"])
-    result.resumed_from_epoch = state["epoch"] + 1
+    result.history = list(history)
+    result.resumed_from_epoch = epoch + 1
     log(f"  resuming from {path.name} after epoch {result.resumed_from_epoch}")
     return result.resumed_from_epoch

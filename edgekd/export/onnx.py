@@ -170,6 +170,38 @@ def cpu_eval(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def non_finite_weights(model: nn.Module) -> tuple[int, str | None]:
+    """How many values of ``model``'s parameters and floating-point buffers (e.g. BatchNorm running
+    statistics) are NaN or infinite, and the name of the first tensor holding one (None if none)."""
+    import torch
+
+    count, first = 0, None
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, tensor in tensors:
+        if not torch.is_floating_point(tensor):
+            continue
+        bad = int(tensor.numel() - torch.isfinite(tensor.detach()).sum().item())
+        if bad:
+            count += bad
+            first = first or name
+    return count, first
+
+
+def diverged_hint() -> str:
+    """What to do about a model whose weights or outputs are NaN/inf."""
+    return "the model diverged in training: lower the learning rate (distill.train.lr) and retrain"
+
+
+def check_finite_weights(model: nn.Module, where: str | os.PathLike[str]) -> None:
+    """ExportError naming ``where`` (the model's file) when any weight of ``model`` is NaN or infinite."""
+    count, first = non_finite_weights(model)
+    if count:
+        raise ExportError(
+            f"{where}: {count} weight values of {type(model).__name__} are non-finite (NaN/inf; first in "
+            f"{first}); {diverged_hint()}"
+        )
+
+
 def _value_info(values: Any) -> list[dict[str, Any]]:
     """[{name, shape, dtype}] of graph inputs/outputs; symbolic dims appear as their names."""
     described = []
@@ -186,7 +218,8 @@ def export_onnx(
 ) -> dict:
     """Export ``model`` (input ``(B, *input_shape)`` float32 → logits) to a single ONNX file at ``path``.
 
-    The batch axis is dynamic. The file is written atomically and passes ``onnx.checker``.
+    The batch axis is dynamic. The file is written atomically and passes ``onnx.checker``. A model
+    with NaN/inf weights (diverged in training) is refused before anything is written.
     Returns ``{opset, inputs, outputs, size_bytes, exporter, model_class}``.
     """
     import torch
@@ -197,6 +230,7 @@ def export_onnx(
         raise ExportError(
             f"cannot export {name}: input_shape {input_shape!r} must be positive ints, e.g. (2, 128)"
         )
+    check_finite_weights(model, target)
     example = torch.randn((EXPORT_BATCH, *input_shape), generator=torch.Generator().manual_seed(0))
     with cpu_eval(model) as module, captured_output() as captured, atomic_path(target) as tmp:
         try:
@@ -242,10 +276,12 @@ def export_onnx(
 
 
 def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """|a - b| where NaN in both counts as equal and NaN in one only as an infinite difference."""
-    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    diff[np.isnan(a) & np.isnan(b)] = 0.0
-    return np.nan_to_num(diff, nan=np.inf)
+    """|a - b| in float64 (both finite: :func:`check_parity` refuses NaN/inf before comparing)."""
+    return np.abs(a.astype(np.float64) - b.astype(np.float64))
+
+
+def _non_finite(array: np.ndarray) -> int:
+    return int(np.size(array) - np.count_nonzero(np.isfinite(array)))
 
 
 def check_parity(
@@ -255,7 +291,8 @@ def check_parity(
 
     Runs the whole set as one batch and the first samples at batch size 1 (different from the
     export batch, which proves the batch axis dynamic). Returns ``{max_abs_diff, mean_abs_diff,
-    samples, batch_sizes, top1_agreement, tolerance, passed}``; raises ExportError above tolerance.
+    samples, batch_sizes, top1_agreement, tolerance, passed}``; raises ExportError above tolerance,
+    and when either runtime outputs any NaN or infinity (NaN in both is a diverged model, not parity).
     """
     import onnxruntime as ort
     import torch
@@ -268,6 +305,11 @@ def check_parity(
         )
     if tolerance < 0:
         raise ExportError(f"parity check of {path}: export.tolerance must be >= 0, got {tolerance}")
+    if _non_finite(data):
+        raise ExportError(
+            f"parity check of {path}: the samples hold {_non_finite(data)} NaN/inf values; "
+            f"fix the dataset's preprocessing"
+        )
     try:
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -295,6 +337,14 @@ def check_parity(
         ) from exc
     if full.shape != reference.shape:
         raise ExportError(f"parity check: {path} outputs shape {full.shape}, PyTorch {reference.shape}")
+    bad_torch, bad_ort = _non_finite(reference), _non_finite(full) + _non_finite(singles)
+    if bad_torch or bad_ort:
+        weights, first = non_finite_weights(model)
+        in_weights = f"{weights} non-finite weights, first in {first}" if weights else "weights finite"
+        raise ExportError(
+            f"{path}: outputs are non-finite (NaN/inf in {bad_torch} PyTorch and {bad_ort} ONNX Runtime "
+            f"values on {len(data)} samples; {in_weights}); {diverged_hint()}"
+        )
     diff_full = _abs_diff(full, reference)
     diff_small = _abs_diff(singles, reference[: len(small)])
     max_abs = float(max(diff_full.max(), diff_small.max()))

@@ -13,8 +13,10 @@ Every problem with a checkpoint a user passed becomes one :class:`ModelError` li
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from edgekd.atomic import write_torch
-from edgekd.errors import ModelError
+from edgekd.errors import ModelError, first_line
 from edgekd.models.heads import build_head
 
 RESERVED_KEYS = ("model", "num_classes", "in_channels", "state_dict", "head")
@@ -53,27 +55,43 @@ def save_checkpoint(
     write_torch(path, payload)
 
 
+def _corrupt(file: Path) -> ModelError:
+    return ModelError(
+        f"checkpoint {file} is truncated or corrupt and cannot be read; re-create it or point to another file"
+    )
+
+
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The checkpoint dictionary at ``path``; :class:`ModelError` if missing, corrupt or not ours."""
     file = Path(path)
+    if file.is_dir():
+        raise ModelError(f"checkpoint {file} is a directory; pass the path of a checkpoint file inside it")
     if not file.is_file():
         raise ModelError(f"checkpoint {file} not found; pass the path of a .pt file written by edgekd")
     if file.stat().st_size == 0:
         raise ModelError(f"checkpoint {file} is empty; re-create it or point to another file")
+    if not os.access(file, os.R_OK):
+        raise ModelError(f"checkpoint {file} cannot be read (permission denied); check its permissions")
     if file.suffix == ".safetensors":
         return {"model": None, "state_dict": _read_safetensors(file)}
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's multi-line note on a protocol-4 plain pickle
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise ModelError(
-            f"checkpoint {file} is corrupt or holds objects other than tensors and plain values; "
-            "re-create it with edgekd or point to another file"
+            f"checkpoint {file} is corrupt or holds objects other than tensors and plain values "
+            "(refused: loading them could run code); re-create it with edgekd or point to another file"
         ) from None
-    except Exception:  # torch raises many types for a damaged file (zip, EOF, OS errors)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EIO):
+            raise _corrupt(file) from None  # torch reports a damaged zip archive as OSError(EINVAL)
         raise ModelError(
-            f"checkpoint {file} is truncated or corrupt and cannot be read; "
-            "re-create it or point to another file"
+            f"checkpoint {file} cannot be read ({exc.strerror or type(exc).__name__}); "
+            "check the file and its permissions"
         ) from None
+    except Exception:  # torch raises many types for a damaged file (zip, EOF, runtime errors)
+        raise _corrupt(file) from None
     if _is_state_dict(checkpoint):  # a plain state dict saved with torch.save(model.state_dict())
         return {"model": None, "state_dict": dict(checkpoint)}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
@@ -81,6 +99,18 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"checkpoint {file} is neither an edgekd checkpoint (no 'state_dict' mapping) nor a state dict "
             "of tensors; pass a file written by edgekd, a .safetensors file or a saved state_dict"
         )
+    for key, value in checkpoint["state_dict"].items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise ModelError(
+                f"checkpoint {file}: state_dict entry {str(key)[:60]!r} holds a {type(value).__name__}, "
+                "not a tensor; re-create the checkpoint with edgekd or point to another file"
+            )
+    for key in ("num_classes", "in_channels"):
+        if key in checkpoint and not isinstance(checkpoint[key], int):
+            raise ModelError(
+                f"checkpoint {file}: {key!r} is {checkpoint[key]!r:.60}, not an integer; "
+                "re-create the checkpoint with edgekd"
+            )
     return checkpoint
 
 
@@ -102,7 +132,13 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], expected_name: 
     if saved_name is None and hasattr(model, "adapt_state_dict"):
         saved = model.adapt_state_dict(saved)
     if isinstance(checkpoint.get("head"), dict):
-        model.head = build_head(checkpoint["head"], model.feature_dim, int(checkpoint["num_classes"]))
+        try:
+            model.head = build_head(checkpoint["head"], model.feature_dim, int(checkpoint["num_classes"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"checkpoint {path}: its 'head' record cannot build a head ({type(exc).__name__}: "
+                f"{str(exc)[:80]}); re-create the checkpoint with edgekd"
+            ) from None
     own = model.state_dict()
     missing = [key for key in own if key not in saved]
     unexpected = [key for key in saved if key not in own]
@@ -129,7 +165,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], expected_name: 
                 f"checkpoint {path} does not fit the model: tensor {key!r} has shape "
                 f"{tuple(saved[key].shape)} in the checkpoint but {tuple(tensor.shape)} in the model{hint}"
             )
-    model.load_state_dict(saved)
+    try:
+        model.load_state_dict(saved)
+    except RuntimeError as exc:  # e.g. a tensor whose dtype cannot be copied into the parameter
+        raise ModelError(
+            f"checkpoint {path} does not load into {expected_name!r}: {first_line(exc)[:160]}"
+        ) from None
     return checkpoint
 
 

@@ -31,6 +31,7 @@ RUNNER_FILES = (
     "registry.py",
     "atomic.py",
     "hashing.py",
+    "threads.py",
     "backends/*.py",
     "bundle/__init__.py",
     "bundle/checksums.py",

@@ -65,6 +65,31 @@ def _fake_quantize_count(model: ov.Model) -> int:
     return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
+def check_finite(model: ov.Model, calib: CalibrationSet) -> None:
+    """QuantizeError when a float constant (weight) of ``model`` or its output on a calibration sample
+    is NaN/inf: a diverged training, for which no INT8 range exists (NNCF would quantise garbage)."""
+    import openvino as ov
+
+    bad_weights = 0
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant" and op.get_element_type().is_real():
+            values = np.asarray(op.data)
+            bad_weights += int(values.size - np.count_nonzero(np.isfinite(values)))
+    bad_outputs = 0
+    if not bad_weights:
+        compiled = ov.Core().compile_model(model, "CPU")
+        for start in range(0, len(calib), EVAL_BATCH):
+            values = np.asarray(compiled(calib.data[start : start + EVAL_BATCH])[0])
+            bad_outputs += int(values.size - np.count_nonzero(np.isfinite(values)))
+    if bad_weights or bad_outputs:
+        what = f"{bad_weights} weight values" if bad_weights else f"{bad_outputs} output values"
+        raise QuantizeError(
+            f"{model.get_friendly_name()}: {what} are non-finite (NaN/inf) on the calibration samples, "
+            f"so no INT8 range exists; the model diverged in training: lower the learning rate "
+            f"(distill.train.lr) and retrain"
+        )
+
+
 def quantize_openvino(
     model: ov.Model, calib: CalibrationSet, budget: AccuracyBudget | None = None
 ) -> tuple[ov.Model, dict[str, Any]]:
@@ -76,6 +101,7 @@ def quantize_openvino(
             f"calibration samples have shape {calib.sample_shape} but the model input is "
             f"{model.input(0).get_partial_shape()}; calibrate with the model's own data and preprocessing"
         )
+    check_finite(model, calib)
     calibration = nncf.Dataset([calib.data[i : i + 1] for i in range(len(calib))])
     settings: dict[str, Any] = {
         "preset": nncf.QuantizationPreset.PERFORMANCE,

@@ -8,26 +8,49 @@ Quirks handled here:
   ``ai.onnx.training``, ...) though no node uses them; other runtimes (TensorRT, OpenVINO) receive
   the same file, so unused imports are removed;
 - the calibrators print progress and log warnings (e.g. "Axis 1 is out-of-range" for LayerNorm
-  weights under per-channel): captured, and written to ``<output>.quantize.log`` on failure.
+  weights under per-channel): captured, and written to ``<output>.quantize.log`` on failure;
+- the histogram calibrators (entropy, percentile) stack each tensor's per-batch outputs with
+  ``np.asarray(list_of_batches)``, which numpy >= 1.24 refuses ("inhomogeneous shape") when the last
+  batch is smaller than the others: they are fed equal batches (:func:`calibration_batch`);
+- ``quantize_static`` gives the entropy calibrator no way to set its histogram size, and ORT's
+  default (128 bins for 128 quantised bins) makes the KL search a no-op that returns the min/max
+  range: entropy ranges are computed here with ORT's own calibrator at ENTROPY_BINS bins and handed
+  to ``quantize_static`` as its calibration cache (``calibration_cache_path``);
+- a model with NaN/inf weights or outputs (a diverged training) makes ORT fail deep inside with
+  ``AssertionError: scale issue``: such a model is refused up front with a QuantizeError.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from edgekd.atomic import atomic_path
 from edgekd.errors import QuantizeError, first_line
 from edgekd.export.onnx import captured_output, failure_log_path, write_failure_log
-from edgekd.quantize.calibration import DEFAULT_BATCH, CalibrationSet
+from edgekd.quantize.calibration import DEFAULT_BATCH, CalibrationDataReader, CalibrationSet
 
 METHODS = ("minmax", "entropy", "percentile")
+HISTOGRAM_METHODS = frozenset({"entropy", "percentile"})
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# Histogram methods: the smallest equal batch used before all samples go in one batch instead.
+MIN_EQUAL_BATCH = 8
+# Entropy calibration (Migacz, "8-bit Inference with TensorRT", GTC 2017): the KL-optimal threshold
+# is searched over a 2048-bin histogram for 128 quantised bins. quantize_static cannot pass bin counts
+# and ORT's defaults (128 and 128) leave a single candidate, the full range: minmax under another name.
+ENTROPY_BINS = 2048
+ENTROPY_QUANTIZED_BINS = 128
+# ORT's percentile calibrator defaults, recorded with the result.
+PERCENTILE_BINS = 2048
+PERCENTILE = 99.999
+DIVERGED = "the model diverged in training: lower the learning rate (distill.train.lr) and retrain"
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -61,6 +84,100 @@ def _check_shapes(value: onnx.ValueInfoProto, calib: CalibrationSet, path: Path)
     return dims[0] if dims else None
 
 
+def calibration_batch(samples: int, method: str, fixed_batch: int | None) -> int:
+    """Batch size the calibration set is fed in.
+
+    A fixed batch axis dictates it. MinMax accepts any batching. The histogram methods (entropy,
+    percentile) need every batch of the same size (see the module notes; they flatten all batches
+    together, so equal batches give exactly the histogram of the whole set): the largest divisor of
+    ``samples`` up to DEFAULT_BATCH, or all samples in one batch when that divisor is below
+    MIN_EQUAL_BATCH (e.g. a prime count).
+    """
+    if fixed_batch:
+        return fixed_batch
+    if method not in HISTOGRAM_METHODS:
+        return DEFAULT_BATCH
+    if samples <= DEFAULT_BATCH:
+        return max(samples, 1)
+    divisor = next(size for size in range(DEFAULT_BATCH, 0, -1) if samples % size == 0)
+    return divisor if divisor >= MIN_EQUAL_BATCH else samples
+
+
+def _check_finite_weights(model: onnx.ModelProto, path: Path) -> None:
+    """QuantizeError naming ``path`` when a float initializer or Constant of the model is NaN/inf."""
+    from onnx import numpy_helper
+
+    tensors = [(init.name, init) for init in model.graph.initializer]
+    tensors += [
+        (node.name or node.output[0], attr.t)
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attr in node.attribute
+        if attr.name == "value"
+    ]
+    count, first = 0, None
+    for name, tensor in tensors:
+        values = numpy_helper.to_array(tensor)
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            count, first = count + bad, first or name
+    if count:
+        raise QuantizeError(
+            f"{path}: {count} weight values are non-finite (NaN/inf; first in {first}), so no INT8 "
+            f"scale exists; {DIVERGED}"
+        )
+
+
+def _check_finite_outputs(path: Path, reader: CalibrationDataReader) -> None:
+    """QuantizeError naming ``path`` when the FP32 model outputs NaN/inf on the calibration batches
+    ``reader`` yields (the same the calibrator will be fed)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        bad = 0
+        for feed in reader:
+            for output in session.run(None, feed):
+                values = np.asarray(output)
+                if np.issubdtype(values.dtype, np.floating):
+                    bad += int(values.size - np.count_nonzero(np.isfinite(values)))
+    except Exception as exc:
+        raise QuantizeError(
+            f"{path}: ONNX Runtime cannot run the FP32 model on the calibration samples: "
+            f"{first_line(exc, type(exc).__name__)}; rerun with --force export"
+        ) from exc
+    if bad:
+        raise QuantizeError(
+            f"{path}: the FP32 model outputs {bad} non-finite values (NaN/inf) on the calibration "
+            f"samples, so no INT8 scale exists; {DIVERGED}"
+        )
+
+
+def _entropy_ranges(model: Path, reader: CalibrationDataReader, symmetric: bool, cache: Path) -> None:
+    """Activation ranges of ``model`` by ORT's entropy (KL-divergence) calibrator at ENTROPY_BINS
+    histogram bins, saved to ``cache`` in ``quantize_static``'s calibration-cache format."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    calibrator = create_calibrator(
+        model,
+        sorted(set(QDQRegistry) | set(QLinearOpsRegistry)),  # the op types quantize_static calibrates
+        augmented_model_path=str(cache.with_name("entropy.augmented.onnx")),
+        calibrate_method=CalibrationMethod.Entropy,
+        extra_options={
+            "symmetric": symmetric,
+            "num_bins": ENTROPY_BINS,
+            "num_quantized_bins": ENTROPY_QUANTIZED_BINS,
+        },
+    )
+    calibrator.collect_data(reader)
+    save_tensors_data(calibrator.compute_data(), cache)
+
+
 def _prune_opset_imports(model: onnx.ModelProto) -> None:
     """Drop opset imports of domains no node uses (the default domain is always kept)."""
     used = {node.domain for node in model.graph.node} | {""}
@@ -84,9 +201,11 @@ def quantize_static_int8(
     Weights are QInt8 and symmetric (per output channel when ``per_channel``); activations are
     QUInt8 asymmetric, or QInt8 symmetric with zero point 0 when ``symmetric_activations`` (the
     form TensorRT's explicit-quantisation path accepts). ``method`` is the calibration method:
-    minmax, entropy or percentile. Nodes named in ``exclude_nodes`` stay in float (e.g. the layers
-    whose INT8 outputs diverge most from FP32). ``quantize_bias=False`` keeps biases in float
-    (TensorRT rejects the INT32 DequantizeLinear that ORT puts on quantised biases). Returns
+    minmax, entropy (the KL-divergence threshold of Migacz, "8-bit Inference with TensorRT", GTC
+    2017) or percentile (ONNX Runtime's default 99.999th percentile of the histogram). Nodes named
+    in ``exclude_nodes`` stay in float (e.g. the layers whose INT8 outputs diverge most from FP32).
+    ``quantize_bias=False`` keeps biases in float (TensorRT rejects the INT32 DequantizeLinear that
+    ORT puts on quantised biases). A model with NaN/inf weights or FP32 outputs is refused. Returns
     ``{format, weight_type, activation_type, per_channel, symmetric_activations, quantize_bias, method,
     calibration, nodes_quantized, nodes_excluded, size_bytes, preprocess}``; ``calibration`` is the
     set's provenance with the samples really fed.
@@ -110,6 +229,14 @@ def quantize_static_int8(
         raise QuantizeError(
             f"FP32 model {source} not found; run the export stage first or pass an existing .onnx file"
         )
+    if method == "entropy" and "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+        import onnxruntime
+
+        raise QuantizeError(
+            f"quantize.calibration_method 'entropy' needs an onnxruntime whose quantize_static accepts "
+            f"calibration_cache_path (installed: {onnxruntime.__version__}); upgrade onnxruntime or "
+            f"choose minmax or percentile"
+        )
     try:
         fp32 = onnx.load(str(source))
     except Exception as exc:
@@ -123,12 +250,14 @@ def quantize_static_int8(
         )
     graph_input = _graph_input(fp32, source)
     fixed_batch = _check_shapes(graph_input, calib, source)
-    batch = fixed_batch or DEFAULT_BATCH
+    batch = calibration_batch(len(calib), method, fixed_batch)
     if fixed_batch and len(calib) < fixed_batch:
         raise QuantizeError(
             f"{source} has a fixed batch of {fixed_batch} but only {len(calib)} calibration samples "
             f"are used; raise quantize.calibration_samples to at least {fixed_batch}"
         )
+    _check_finite_weights(fp32, source)
+    _check_finite_outputs(source, calib.reader(graph_input.name, batch, drop_last=fixed_batch is not None))
     reader = calib.reader(graph_input.name, batch_size=batch, drop_last=fixed_batch is not None)
     activation_type = QuantType.QInt8 if symmetric_activations else QuantType.QUInt8
     calibrate_method = {
@@ -150,6 +279,11 @@ def quantize_static_int8(
                 preprocess = f"skipped: pre-processing removed excluded nodes {', '.join(sorted(renamed))}"
         with atomic_path(target) as tmp:
             try:
+                cached: dict[str, str] = {}
+                if method == "entropy":
+                    cache = Path(workdir) / "entropy-ranges.json"
+                    _entropy_ranges(Path(model_input), reader, symmetric_activations, cache)
+                    cached["calibration_cache_path"] = str(cache)
                 quantize_static(
                     str(model_input),
                     str(tmp),
@@ -166,6 +300,7 @@ def quantize_static_int8(
                         "CalibTensorRangeSymmetric": symmetric_activations,
                         "QuantizeBias": quantize_bias,
                     },
+                    **cached,
                 )
                 quantized = onnx.load(str(tmp))
                 _prune_opset_imports(quantized)
@@ -181,6 +316,10 @@ def quantize_static_int8(
     calibration = calib.provenance()
     calibration["samples_used"] = reader.samples_yielded
     calibration["batch_size"] = batch
+    if method == "entropy":
+        calibration["histogram"] = {"bins": ENTROPY_BINS, "quantized_bins": ENTROPY_QUANTIZED_BINS}
+    elif method == "percentile":
+        calibration["histogram"] = {"bins": PERCENTILE_BINS, "percentile": PERCENTILE}
     return {
         "format": "QDQ",
         "weight_type": "QInt8",

@@ -117,6 +117,9 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         "artifacts": ctx.output("compile", "artifacts"),
         "rows": rows,
         "not_measured": not_measured,
+        # Load of other processes while the profile stage measured; "warning" is set when it was loaded.
+        "measurement_load": ctx.results["profile"].outputs.get("load"),
+        "omp_wait_policy": ctx.results["profile"].outputs.get("omp_wait_policy"),
         "device_build": {
             key: compiled[key]
             for key in ("build_script_file", "bundle_files", "qdq_check")

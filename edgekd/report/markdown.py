@@ -141,6 +141,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in head.items() if key != "deployed")
         + ".",
         *_not_measured(report),
+        *_load_warning(report),
         *_per_snr(report),
         *slowest_layers(report["rows"]),
         "",
@@ -172,6 +173,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{proto['threads']} threads, clock {proto['clock']}, percentiles {proto['percentile_method']}; "
         "the table is model-only; end-to-end (with the input normalisation) p50 is in report.json.",
         *_runtime_settings(report["rows"]),
+        *_machine_load(report),
         *_device(report),
         "- Agreement: share of held-out frames where an artifact predicts the same class as the PyTorch "
         "student it was compiled from (an INT8 collapse shows here before it shows in accuracy).",
@@ -186,6 +188,28 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _load_warning(report: dict[str, Any]) -> list[str]:
+    """A visible warning under the summary when other processes loaded the machine during profiling."""
+    load = report.get("measurement_load") or {}
+    return ["", f"> **Warning:** {load['warning']}."] if load.get("warning") else []
+
+
+def _machine_load(report: dict[str, Any]) -> list[str]:
+    """The OpenMP wait policy and the load of other processes while the rows were measured."""
+    load, policy = report.get("measurement_load"), report.get("omp_wait_policy")
+    lines = []
+    if policy:
+        lines.append(f"- OpenMP wait policy (PyTorch rows): {policy['value']} ({policy['source']}).")
+    if load:
+        state, window = "loaded" if load["loaded"] else "quiet", load["window"]
+        lines.append(
+            f"- Machine load while measuring: {state} — other processes kept {load['other_busy_cores']:.2f} "
+            f"of {window['cpus']} cores busy on average (max per row {load['other_busy_cores_max']:.2f}; "
+            f"{window['source']}, {window['window_s']:.1f} s)."
+        )
+    return lines
 
 
 def _augmentation(augment: dict | None) -> str:

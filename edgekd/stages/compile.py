@@ -13,6 +13,7 @@ from typing import Any
 
 from edgekd.backends import BACKENDS, get_backend
 from edgekd.backends.base import Artifact
+from edgekd.errors import ExportError, first_line
 from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.recipe import Recipe
 from edgekd.stages.device_build import device_build
@@ -32,6 +33,22 @@ def _onnx_for(ctx: RunContext, precision: str) -> Path | None:
         outputs = ctx.results["quantize"].outputs
         return ctx.run_dir / outputs["int8_onnx_file"] if "int8_onnx_file" in outputs else None
     return ctx.path("export", "onnx_file")
+
+
+def check_readable_onnx(path: Path, made_by: str) -> None:
+    """ExportError naming ``path`` and the stage to rerun (``made_by``) when it is not a whole, valid
+    ONNX model (e.g. truncated by a full disk or an interrupted copy): a backend would fail on it
+    with a protobuf traceback or, worse, compile what is left."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        reason = first_line(exc, "unreadable").replace(f": {path}", "")
+        raise ExportError(
+            f"{path}: not a valid ONNX model, truncated or damaged ({type(exc).__name__}: {reason}); "
+            f"rerun with --force {made_by}"
+        ) from None
 
 
 def _config(recipe: Recipe) -> dict[str, Any]:
@@ -65,6 +82,9 @@ def _record(ctx: RunContext, artifact: Artifact) -> tuple[dict[str, Any], list[s
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     target = ctx.target
+    for precision in target.precisions:
+        if (path := _onnx_for(ctx, precision)) is not None:
+            check_readable_onnx(path, "export" if path == ctx.path("export", "onnx_file") else "quantize")
     if BACKENDS.get(target.backend).builds_without_runtime:
         sources = {p: path for p in target.precisions if (path := _onnx_for(ctx, p)) is not None}
         built, outputs = device_build(ctx, stage_dir, BACKENDS.get(target.backend)(), sources)

@@ -19,6 +19,7 @@ from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.stats import count_flops, count_parameters
 from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
 from edgekd.recipe import Recipe
+from edgekd.threads import apply_training_threads
 
 MODEL_FILE = "student.pt"
 
@@ -29,6 +30,7 @@ def _inputs(ctx: RunContext) -> list[Path]:
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    apply_training_threads(ctx.log)  # intra-op threads for the cores other processes leave free
     train_set, val_set, meta = ctx.dataset
     recipe, spec = ctx.recipe, ctx.recipe.distill
     classes, channels = len(meta.classes), meta.input_shape[0]
@@ -63,7 +65,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     if spec.teacher_cache and (method.uses_teacher_cache or method.needs_teacher_dataset):
         key = cache_key(sha256_file(teacher_file), meta.fingerprint, augment)
         cache_dir = recipe.runs_dir.parent / "cache" / "teacher"
-        teacher_outputs, hit = cached_teacher_outputs(teacher, train_set.x, cache_dir, key, bank)
+        teacher_outputs, hit = cached_teacher_outputs(teacher, train_set.x, cache_dir, key, bank, log=ctx.log)
         cache_info = {"enabled": True, "used": method.uses_teacher_cache, "hit": hit, "key": key}
         ctx.log(f"  teacher outputs {'reused from' if hit else 'computed into'} cache {key}")
 
@@ -81,6 +83,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         bank=bank,
         label=f"student ({spec.method})",
         log=ctx.log,
+        stage="distill",
+        lr_field="distill.train.lr",
     )
     save_checkpoint(
         stage_dir / MODEL_FILE,
@@ -94,6 +98,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "model": recipe.student.model,
         "method": spec.method,
         "method_options": method.options.model_dump(),
+        "method_record": method.record(),
         "params": count_parameters(student),
         "flops": count_flops(student, meta.input_shape),
         "val_accuracy_last": round(result.deployed_accuracy, 5),

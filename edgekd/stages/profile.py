@@ -7,6 +7,12 @@ the same class as the PyTorch student it was built from; latency follows the rec
 (warm-up, iterations, batch, threads), model-only and end-to-end with the input normalisation; GPU
 runners (TensorRT) are also timed on the device with CUDA events. Artifacts the compile stage could
 not build here (TensorRT without a GPU) are listed under ``not_measured`` with the reason.
+
+The thread count is the recipe's ``profile.threads`` (all usable cores when unset), never shrunk
+when the machine is busy. Instead the load of other processes is measured while each row and the
+whole stage run (/proc/stat busy time minus this process's CPU time, :class:`edgekd.threads.LoadWindow`):
+rows carry ``machine_load`` and the stage's ``load`` says whether the machine was loaded, with the
+warning the log and the report show.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.profile.accuracy import evaluate_logits, predict
 from edgekd.profile.cuda_latency import measure_cuda_latency, supports_cuda_events
 from edgekd.profile.latency import current_rss_mb, measure_latency, peak_rss_mb
+from edgekd.threads import CpuSample, LoadWindow, load_summary, wait_policy
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
@@ -105,10 +112,22 @@ def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> tuple[di
     return _measure(ctx, TorchRunner(model, threads=threads), row)
 
 
+def _with_load(row: dict[str, Any], window: LoadWindow, samples: dict[str, CpuSample | None]) -> None:
+    """Record the load of other processes while ``row`` was measured."""
+    sample = window.stop()
+    samples[row["name"]] = sample
+    row["machine_load"] = sample.to_dict()
+
+
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     threads = resolve_threads(ctx.recipe.profile.threads)
+    stage_window, samples = LoadWindow().start(), {}
+    window = LoadWindow().start()
     teacher_row, _ = _torch_row(ctx, "teacher", "teacher", threads)
+    _with_load(teacher_row, window, samples)
+    window = LoadWindow().start()
     student_row, reference = _torch_row(ctx, "distill", "student", threads)
+    _with_load(student_row, window, samples)
     rows = [teacher_row, student_row]
     for record in ctx.output("compile", "artifacts"):
         backend = get_backend(record["backend"])
@@ -128,11 +147,16 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             "artifact": record["path"],
         }
         rss_before = current_rss_mb()
+        window = LoadWindow().start()
         runner = backend.load(artifact, threads=threads, **options)
         measured, _ = _measure(ctx, runner, {**row, "runtime_info": runner.info}, reference)
         measured["memory"] = _memory(rss_before)
         measured["layer_times"] = _layer_times(ctx, backend, artifact, threads, options)
+        _with_load(measured, window, samples)
         rows.append(measured)
+    load = load_summary(stage_window.stop(), samples, threads)
+    if load["warning"]:
+        ctx.log(f"  warning: {load['warning']}")
     not_measured = [
         {key: item[key] for key in ("name", "backend", "precision", "engine", "profiled", "why")}
         for item in ctx.results["compile"].outputs.get("unbuilt_artifacts", [])
@@ -143,6 +167,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "rows": rows,
         "not_measured": not_measured,
         "threads": threads,
+        "omp_wait_policy": wait_policy(),
+        "load": load,
         "eval_frames": rows[0]["accuracy"]["n"],
     }
 

@@ -14,6 +14,7 @@ from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.stats import count_flops, count_parameters
 from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
 from edgekd.recipe import DistillSpec
+from edgekd.threads import apply_training_threads
 
 MODEL_FILE = "teacher.pt"
 
@@ -23,6 +24,7 @@ def _inputs(ctx: RunContext) -> list[Path]:
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    apply_training_threads(ctx.log)  # intra-op threads for the cores other processes leave free
     train_set, val_set, meta = ctx.dataset
     spec = ctx.recipe.teacher
     torch.manual_seed(ctx.recipe.seed)  # initial weights follow the seed
@@ -52,6 +54,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             fingerprint(STAGE, ctx),
             label="teacher",
             log=ctx.log,
+            stage="teacher",
+            lr_field="teacher.train.lr",
         )
         history = result.history
         origin = "trained here on labels"

@@ -29,7 +29,7 @@ def attention_map(feature_map: torch.Tensor, p: float, size: Sequence[int]) -> t
 class AttentionTransfer(DistillMethod):
     """Activation-based attention transfer (Zagoruyko & Komodakis, ICLR 2017), plus the label loss.
 
-    ``L = CE(s, y) + β/2 · Σ_j mean_{b,l}( (Q_s^j − Q_t^j)² )``
+    ``L = CE(s, y) + β · Σ_j mean_{b,l}( (Q_s^j − Q_t^j)² )``
 
     - the pairs j are the last k hint layers of student and teacher, deepest with deepest,
       k = min(``layers``, number of hint layers of each model) (the paper pairs the outputs of
@@ -38,10 +38,11 @@ class AttentionTransfer(DistillMethod):
       map, p = ``p``); both maps of a pair are first brought to the smaller of their two sizes
       (per axis) by average pooling,
       so channel counts and lengths need not match; no trainable part;
-    - β = ``beta`` = 1000 as in the paper, whose per-layer norm is "divided by the number of
-      elements in the attention map and batch size": the mean above. We use the squared
-      difference of the reference code (RepDistiller, Tian et al., ICLR 2020) with the paper's β/2;
-      RepDistiller itself weights the sum by β without the 1/2 (the same as β = 2000 here).
+    - β = ``beta`` = 1000, applied as written: the authors' code (szagoruyko/attention-transfer,
+      ``cifar.py``: ``opt.beta * sum(at_loss(x, y) ...)`` with ``at_loss = (at(x) − at(y)).pow(2).mean()``,
+      β = 1e3 in its README) and mdistiller (megvii-research/mdistiller, ``distillers/AT.py``,
+      ``FEAT_WEIGHT`` 1000 times the sum of the per-stage means) both weight the summed per-layer
+      means by β, without the β/2 of the paper's equation.
 
     ``distill.temperature`` and ``distill.alpha`` are not used; teacher maps are detached.
     """
@@ -49,7 +50,7 @@ class AttentionTransfer(DistillMethod):
     needs_feature_maps = True
 
     class Options(MethodOptions):
-        beta: float = Field(1000.0, ge=0, description="β: weight of the attention term (applied as β/2)")
+        beta: float = Field(1000.0, ge=0, description="β: weight of the summed per-layer attention terms")
         p: float = Field(2.0, ge=1, description="exponent of the attention map mean_c |F|^p")
         layers: int = Field(
             3, ge=1, description="number of deepest hint layers paired (at most the models have)"
@@ -63,7 +64,7 @@ class AttentionTransfer(DistillMethod):
     def attention_loss(
         self, student_maps: list[torch.Tensor], teacher_maps: list[torch.Tensor]
     ) -> torch.Tensor:
-        """β/2 · Σ_j mean((Q_s^j − Q_t^j)²) over the last ``pairs`` maps of each list."""
+        """β · Σ_j mean((Q_s^j − Q_t^j)²) over the last ``pairs`` maps of each list."""
         total = student_maps[-1].new_zeros(())
         for student_map, teacher_map in zip(
             student_maps[-self.pairs :], teacher_maps[-self.pairs :], strict=True
@@ -72,7 +73,7 @@ class AttentionTransfer(DistillMethod):
             q_s = attention_map(student_map, self.options.p, size)
             q_t = attention_map(teacher_map.detach(), self.options.p, size)
             total = total + (q_s - q_t).pow(2).mean()
-        return self.options.beta / 2 * total
+        return self.options.beta * total
 
     def loss(
         self, student: ModelOutputs, teacher: ModelOutputs | None, target: torch.Tensor, state: dict[str, Any]

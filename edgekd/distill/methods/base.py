@@ -151,6 +151,10 @@ class DistillMethod(nn.Module):
     def finalize(self, student: nn.Module) -> None:
         """Turn the trained student into the model that is deployed (e.g. fold an extra head in)."""
 
+    def record(self) -> dict[str, Any]:
+        """What the method chose during training (e.g. a searched inference mix), for the stage's record."""
+        return {}
+
     def _teacher(self, teacher: ModelOutputs | None) -> ModelOutputs:
         if teacher is None:
             raise ValueError(f"distillation method {type(self).__name__} needs teacher outputs, got None")

@@ -1,10 +1,11 @@
-"""``skd``: signal knowledge distillation.
+"""``skd``: signal knowledge distillation (the default method).
 
 Hou, Li, Lin, Liang, Han, "ClST: A Convolutional Transformer Framework for Automatic Modulation
 Recognition by Knowledge Distillation", IEEE Trans. Wireless Commun. 23(7):8013-8028, 2024
 (arXiv:2312.17446). SKD trains the lightweight KD-CNN and KD-MobileNet students from the ClST teacher
 with the teacher's temperature-softened outputs (soft targets) and a hybrid loss that keeps the
-label supervision while also preserving the teacher's knowledge.
+label supervision while also preserving the teacher's knowledge. By default edgekd
+implements exactly those two terms (soft targets and the hybrid label loss).
 """
 
 from __future__ import annotations
@@ -30,27 +31,30 @@ from edgekd.recipe import DistillSpec
 
 @METHODS.register("skd")
 class SignalKD(DistillMethod):
-    """Signal knowledge distillation (Hou et al., 2024): soft targets + labels + teacher embedding.
+    """Signal knowledge distillation (Hou et al., 2024): temperature-softened teacher outputs + labels.
 
-    ``L = α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, y) + β · ‖n(W f_s + b) − n(f_t)‖²``
+    ``L = α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, y)  [+ β · ‖n(W f_s + b) − n(f_t)‖²]``
 
-    - s, t: student and teacher logits; T = ``distill.temperature``; α = ``distill.alpha``;
-    - f_s, f_t: student and teacher penultimate embeddings; ``W, b``: a learned linear connector
-      from the student's width to the teacher's (trained with the student, dropped after training);
-    - n(v) = v / ‖v‖₂ per sample, so the last term is 2 − 2·cos(W f_s + b, f_t), bounded in [0, 4]
-      and independent of the scale of either embedding; β = ``distill.beta``; batch mean throughout.
+    - s, t: student and teacher logits; T = ``distill.temperature``; α = ``distill.alpha``; batch mean.
 
-    The first two terms are SKD's soft targets (temperature-softened teacher outputs) and the
-    hard-label loss they are mixed with. The third is the term that preserves the teacher's
-    knowledge: the parts of the paper we could consult (abstract and summaries) name it without its
-    equation, so its form is ours: a FitNets-style hint (Romero et al., ICLR 2015) on the
-    penultimate embedding through a linear connector, cosine-normalised so one β suits teachers and
-    students of any width.
-    With β = 0 no connector is built, features are not requested, and SKD equals Hinton KD.
+    These two terms are what the ClST paper describes for SKD: the teacher's soft targets at a
+    temperature, mixed with the hard-label loss in a hybrid loss. With the default
+    ``distill.options.skd.beta`` = 0 that is the whole loss (the form of Hinton et al., 2015).
+
+    The bracketed term is **edgekd's own extension, not in the paper**, off by default: with
+    ``distill.options.skd.beta`` = β > 0, a FitNets-style hint (Romero et al., ICLR 2015) on the
+    penultimate embeddings f_s, f_t through a learned linear connector ``W, b`` (student width to
+    teacher width, trained with the student, dropped after training); n(v) = v / ‖v‖₂ per sample,
+    so the term is 2 − 2·cos(W f_s + b, f_t), in [0, 4] whatever the embedding widths and scales.
+    With β = 0 no connector is built and no features are requested.
     """
 
     class Options(MethodOptions):
-        beta: float = Field(0.5, ge=0, description="weight of the teacher-knowledge (embedding) term")
+        beta: float = Field(
+            0.0,
+            ge=0,
+            description="edgekd's extension (not in the paper): weight of a cosine embedding hint; 0 = off",
+        )
 
     def __init__(self, spec: DistillSpec, num_classes: int, student: ModelShape, teacher: ModelShape) -> None:
         super().__init__(spec, num_classes, student, teacher)
