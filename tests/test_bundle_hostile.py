@@ -325,3 +325,19 @@ def test_not_a_bundle(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     assert_refused(tmp_path / "file", "is not an edgekd bundle")
     assert os.path.isdir(tmp_path)
+
+
+def test_the_device_runner_refuses_a_manifest_leaving_the_bundle(
+    bundle: Path, outside: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The profiler that runs on the device checks the manifest as verify-bundle does."""
+    from edgekd.profile import device_runner
+
+    manifest = manifest_of(bundle)
+    manifest["artifacts"][0]["file"] = str(outside)
+    reseal(bundle, manifest)
+    out = tmp_path / "result.json"
+    assert device_runner.main([str(bundle), str(out), "--warmup", "0", "--iterations", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "is not a file of the bundle" in error
+    assert not out.exists()

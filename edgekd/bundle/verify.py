@@ -127,6 +127,21 @@ class _Manifest:
         return items
 
 
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The bundle's manifest.json as an object; BundleError when it is not readable JSON or no object."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{directory / MANIFEST_FILE}: not valid JSON ({exc.msg})") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{directory / MANIFEST_FILE}: not readable JSON ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(
+            f"{directory / MANIFEST_FILE}: expected a JSON object, got a {_type_name(manifest)}"
+        )
+    return manifest
+
+
 def _check_checksums(directory: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Raise naming the file that differs from SHA256SUMS / manifest.json; return the manifest and sums."""
     sums = read_sums(directory)
@@ -144,16 +159,7 @@ def _check_checksums(directory: Path) -> tuple[dict[str, Any], dict[str, str]]:
             f"{directory / MANIFEST_FILE}: SHA-256 differs from its {SUMS_FILE} entry "
             f"(one of the two was modified)"
         )
-    try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{directory / MANIFEST_FILE}: not valid JSON ({exc.msg})") from None
-    except (UnicodeDecodeError, RecursionError) as exc:
-        raise BundleError(f"{directory / MANIFEST_FILE}: not readable JSON ({type(exc).__name__})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(
-            f"{directory / MANIFEST_FILE}: expected a JSON object, got a {_type_name(manifest)}"
-        )
+    manifest = read_manifest(directory)
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not all(isinstance(v, str) for v in listed.values()):
         raise BundleError(

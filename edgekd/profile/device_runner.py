@@ -29,7 +29,8 @@ import numpy as np
 
 from edgekd.backends import BACKENDS, Artifact
 from edgekd.backends.base import resolve_threads
-from edgekd.bundle.checksums import MANIFEST_FILE, SUMS_FILE, modified_files, read_sums
+from edgekd.bundle.checksums import SUMS_FILE, modified_files, read_sums
+from edgekd.bundle.verify import check_manifest, read_manifest
 from edgekd.errors import BundleError, EdgekdError
 from edgekd.profile.accuracy import evaluate_classifier
 from edgekd.profile.engine_build import build_engines
@@ -72,10 +73,12 @@ def device_info() -> dict[str, Any]:
 
 
 def _load_bundle(bundle: Path) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-    changed = modified_files(bundle, read_sums(bundle))
+    sums = read_sums(bundle)
+    changed = modified_files(bundle, sums)
     if changed:
         raise BundleError(f"{bundle / changed[0]}: does not match {SUMS_FILE} (damaged in transfer?)")
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text(encoding="utf-8"))
+    # every path the manifest names must stay inside the bundle, every field it uses be well-formed
+    manifest = check_manifest(bundle, read_manifest(bundle), set(sums))
     eval_set = manifest.get("eval_set")
     if eval_set is None:
         return manifest, None
