@@ -7,9 +7,9 @@ trained student and its exported FP32 ONNX. From that one file, in one run on th
    static QDQ INT8, the recipe's calibration frames) in a copy of the run directory; teacher,
    distillation and export are reused as they are. Wall time: the two stages' own recorded times, with
    the dataset already in memory (as Olive gets its frames from ``.npy`` files already written).
-2. Olive (olive-ai, installed on first use into ``benchmarks/.envs/olive`` with ``pip install --target
-   --no-deps``, never a project dependency, run in a subprocess on this same interpreter with the
-   same onnxruntime / onnx / numpy): a workflow whose input is that ONNX file, with the pass
+2. Olive (olive-ai, installed on first use into ``benchmarks/.envs/olive`` with one ``pip install
+   --target --no-deps`` call, never a project dependency, run in a subprocess on this same interpreter
+   with the same onnxruntime / onnx / numpy): a workflow whose input is that ONNX file, with the pass
    ``OnnxStaticQuantization`` calibrated on the very same frames (edgekd's calibration subset, saved as
    ``.npy`` and read by benchmarks/olive_user_script.py), then ``OrtSessionParamsTuning``; Olive's
    search (TPE, joint, exhaustive unless ``--olive-max-iter``) over its own quantisation options
@@ -59,7 +59,8 @@ OLIVE_ENV = HERE / ".envs" / "olive"
 SIDE_ENV = SideEnvironment(OLIVE_ENV, {"OLIVE_DISABLE_TELEMETRY": "1"})
 # What olive-ai 0.13.0 imports on the path this benchmark runs (``olive.workflows.run`` with ONNX
 # quantisation, session tuning, custom + latency metrics, the TPE sampler), pinned to what its own
-# resolution picks; installed into OLIVE_ENV with --no-deps only when the .venv lacks the module.
+# resolution picks; installed into OLIVE_ENV (with olive-ai, in the same single pip call, --no-deps)
+# only when the .venv lacks the module.
 # Declared but left out because this path never imports them: pandas, questionary, hf-xet, and
 # optuna's storage stack (sqlalchemy, alembic). torch, onnx, onnxruntime, onnxscript, onnx_ir,
 # numpy, pydantic, pyyaml, psutil, huggingface_hub and safetensors are the .venv's own.
@@ -86,18 +87,15 @@ FORBIDDEN = ("torch", "numpy", "onnx", "onnxruntime", "onnxscript", "onnx_ir", "
 
 
 def ensure_olive() -> dict[str, Any]:
-    """Install olive-ai and the light modules it imports (those the .venv lacks) on first use."""
-    installed: list[str] = []
-    if not (OLIVE_ENV / f"olive_ai-{OLIVE_VERSION}.dist-info").is_dir():
-        SIDE_ENV.pip_install(f"olive-ai=={OLIVE_VERSION}")
-        installed.append(f"olive-ai=={OLIVE_VERSION}")
-    for requirement, module in LIGHT_REQUIREMENTS:
-        if not SIDE_ENV.importable(module):
-            SIDE_ENV.pip_install(requirement)
-            installed.append(requirement)
-    for forbidden in FORBIDDEN:
-        if (OLIVE_ENV / forbidden).exists():
-            raise RuntimeError(f"{OLIVE_ENV} holds its own {forbidden}; delete the folder and rerun")
+    """olive-ai and the light modules it imports that the .venv lacks, installed in ONE pip call on first use.
+
+    One call: opentelemetry-api and opentelemetry-sdk share the ``opentelemetry`` namespace folder,
+    which pip only merges within a single ``--target`` install (see side_env).
+    """
+    missing = set(SIDE_ENV.missing_from_base([module for _, module in LIGHT_REQUIREMENTS]))
+    requirements = [f"olive-ai=={OLIVE_VERSION}"]
+    requirements += [requirement for requirement, module in LIGHT_REQUIREMENTS if module in missing]
+    record = SIDE_ENV.ensure(requirements, forbidden=FORBIDDEN)
     probe = subprocess.run(
         [sys.executable, "-c", "import olive, olive.workflows; print(olive.__version__)"],
         capture_output=True,
@@ -105,9 +103,10 @@ def ensure_olive() -> dict[str, Any]:
         env=SIDE_ENV.env(),
     )
     if probe.returncode != 0:
-        raise RuntimeError(f"olive does not import from {OLIVE_ENV}:\n{probe.stderr[-2000:]}")
-    present = sorted(p.name for p in OLIVE_ENV.glob("*.dist-info"))
-    return {"path": str(OLIVE_ENV), "installed_now": installed, "dist_infos": present}
+        raise RuntimeError(
+            f"olive does not import from {OLIVE_ENV} (delete it to rebuild):\n{probe.stderr[-2000:]}"
+        )
+    return record
 
 
 # --------------------------------------------------------------------------- Olive worker
