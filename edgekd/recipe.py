@@ -46,7 +46,7 @@ class DataSpec(Section):
     path: Path | None = Field(
         None, description="file for rml2016 (.pkl) / rml2018 (.hdf5); directory for imagefolder"
     )
-    frames_per_class_snr: int = Field(100, ge=1, description="synthetic frames per (modulation, SNR) pair")
+    frames_per_class_snr: int = Field(40, ge=1, description="synthetic frames per (modulation, SNR) pair")
     snr_min: int = Field(-20, ge=-40, le=40, description="lowest SNR in dB kept")
     snr_max: int = Field(18, ge=-40, le=40, description="highest SNR in dB kept")
     frame_length: int = Field(128, ge=16, description="IQ samples per frame")

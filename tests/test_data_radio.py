@@ -127,7 +127,7 @@ def test_snr_filter_and_frame_length() -> None:
 def test_default_generation_is_fast() -> None:
     start = time.perf_counter()
     data = generate_synthetic(DataSpec(), seed=0)
-    assert len(data) == 11 * 20 * 100
+    assert len(data) == 11 * 20 * 40
     assert time.perf_counter() - start < 5.0
 
 
