@@ -1,12 +1,10 @@
 """edgekd: distil a compact student from a teacher, compile it for an edge target, and prove how fast
 and how accurate the deployed artifact is."""
 
-# First, before anything imports torch: OpenMP threads that sleep instead of spinning when idle
-# (OMP_WAIT_POLICY=PASSIVE unless the user set it), so a loaded machine does not slow training far
-# beyond a fair share of its cores. libgomp reads the variable once, when torch loads it.
-from edgekd.threads import set_wait_policy_default
+# The OpenMP wait policy this process runs with, recorded for the report (see edgekd.threads).
+from edgekd.threads import record_wait_policy
 
-set_wait_policy_default()
+record_wait_policy()
 
 from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 

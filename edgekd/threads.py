@@ -5,19 +5,22 @@ PyTorch's CPU kernels run on GNU OpenMP (libgomp). Between parallel regions its 
 on the CPU before they sleep (``GOMP_SPINCOUNT`` 300000 by default). When other processes hold some
 of the cores, a spinning thread burns the time slice that a thread with work needs, and every
 parallel region waits for its slowest thread: the slowdown goes far beyond a fair share of the cores
-(measured on 2 cores beside one busy process: 3.1x where the fair share is 1.5x). This is the
+(``benchmarks/contention.py`` on 2 cores: 2.8x beside one busy process, 6.9x beside two). This is the
 oversubscription effect studied by Iancu, Hofmeyr, Blagojevic and Zheng, "Oversubscription on
-Multicore Processors", IPDPS 2010. edgekd applies two remedies:
+Multicore Processors", IPDPS 2010.
 
-1. ``OMP_WAIT_POLICY=PASSIVE`` (OpenMP API 4.5, section 4.8): idle OpenMP threads sleep at once.
-   libgomp reads the variable once, when it is loaded (``import torch``), so
-   :func:`set_wait_policy_default` runs at the top of ``edgekd/__init__.py``, before any edgekd module
-   imports torch. A value the user set (even ``ACTIVE``) is kept. A program that imports torch
-   *before* edgekd loads OpenMP too early for this; :func:`wait_policy` says so and the training log
-   names the fix (set the variable in the environment, or import edgekd first).
-2. Training stages size PyTorch's intra-op threads to the cores other processes leave free
-   (:func:`training_threads`), measured from ``/proc/stat`` over a short window minus this process's
-   own CPU time. A user's ``OMP_NUM_THREADS`` is kept as asked.
+Training stages therefore size PyTorch's intra-op threads to the cores other processes leave free
+(:func:`training_threads`, measured from ``/proc/stat`` minus this process's own CPU time) when the
+stage starts, and re-judge the count after every epoch from the load measured during that epoch
+(:func:`rebalance_training_threads`), so a job started beside a running edgekd (or after it) costs
+no more than its share. With one thread there is no OpenMP team left to spin. A user's
+``OMP_NUM_THREADS`` is kept as asked.
+
+``OMP_WAIT_POLICY`` is left as the user has it. Making OpenMP wait passively by default was measured
+and rejected: on an idle machine it made teacher training 1.45x slower (sleeping threads wake late
+for PyTorch's many short parallel regions), while the thread sizing alone keeps the loaded cases
+within their fair share (benchmarks/results/contention.json). :func:`wait_policy` records the policy
+in effect for the report.
 
 The profile stage keeps the thread count the recipe asked for (latency is measured with a fixed,
 recorded count); it measures the load of other processes while it times (:class:`LoadWindow`) and
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -48,35 +50,14 @@ _POLICY: dict[str, str] = {}
 # --- OpenMP wait policy ------------------------------------------------------------------------------
 
 
-def openmp_loaded() -> bool:
-    """Whether an OpenMP runtime (libgomp, LLVM libomp, Intel libiomp) is already in this process."""
-    try:
-        maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "torch" in sys.modules
-    return any(name in maps for name in ("libgomp", "libomp", "libiomp"))
-
-
-def set_wait_policy_default(environ: dict[str, str] | os._Environ | None = None) -> dict[str, str]:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it; remember whether it can still apply.
-
-    Returns (and keeps for :func:`wait_policy`) ``{"value", "source"}``: the policy OpenMP in this
-    process runs with and where it came from. Child processes inherit the variable either way.
-    """
+def record_wait_policy(environ: dict[str, str] | os._Environ | None = None) -> dict[str, str]:
+    """Remember the OpenMP wait policy this process runs with (``{"value", "source"}``) for the report."""
     environ = os.environ if environ is None else environ
     user = (environ.get(WAIT_POLICY) or "").strip()
     if user:
         state = {"value": user.upper(), "source": "environment"}
     else:
-        environ[WAIT_POLICY] = "PASSIVE"
-        if openmp_loaded():
-            state = {
-                "value": "unset (GNU OpenMP default: threads spin, then sleep)",
-                "source": "OpenMP was loaded before edgekd (torch imported first): set "
-                "OMP_WAIT_POLICY=PASSIVE in the environment, or import edgekd before torch",
-            }
-        else:
-            state = {"value": "PASSIVE", "source": "edgekd default"}
+        state = {"value": "unset", "source": "OpenMP default (idle threads spin briefly, then sleep)"}
     _POLICY.clear()
     _POLICY.update(state)
     return dict(state)
@@ -89,11 +70,9 @@ def wait_policy() -> dict[str, str]:
 
 def _wait_policy_phrase() -> str:
     policy = wait_policy()
-    if policy["value"] == "PASSIVE":
-        return "OpenMP threads wait passively"
     if policy["source"] == "environment":
         return f"OMP_WAIT_POLICY={policy['value']} (from the environment)"
-    return f"OpenMP threads spin while idle: {policy['source']}"
+    return "OpenMP's default wait policy"
 
 
 # --- cores and their load ----------------------------------------------------------------------------
@@ -253,6 +232,24 @@ def training_threads(
     if sample.other_cores < 0.05:
         return count, f"{sample.cores} cores, idle"
     return count, f"{sample.cores} cores, other processes busy on {sample.other_cores:.1f} of them"
+
+
+def rebalance_training_threads(sample: CpuSample, log: Callable[[str], None] | None = None) -> int:
+    """After an epoch: set PyTorch's threads to the cores others left free during it (``sample``, a
+    :class:`LoadWindow` around the epoch), logging a change in one line. The user's count is kept."""
+    import torch
+
+    if _user_threads(os.environ) is not None:
+        return torch.get_num_threads()
+    count, current = free_cores(sample), torch.get_num_threads()
+    if count != current:
+        torch.set_num_threads(count)
+        if log is not None:
+            log(
+                f"  {count} intra-op thread{'s' if count != 1 else ''} from the next epoch (other processes "
+                f"busy on {sample.other_cores:.1f} of {sample.cores} cores during the last one)"
+            )
+    return count
 
 
 def apply_training_threads(log: Callable[[str], None] | None = None) -> int:

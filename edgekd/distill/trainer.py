@@ -34,6 +34,7 @@ from edgekd.distill.teacher_cache import TeacherOutputs, compute_teacher_outputs
 from edgekd.errors import ModelError, TrainingError, first_line
 from edgekd.hashing import sha256_state
 from edgekd.recipe import TrainSpec
+from edgekd.threads import LoadWindow, rebalance_training_threads
 
 LATEST = "latest.pt"
 
@@ -147,6 +148,7 @@ def train(
     with progress() as bar:
         task = bar.add_task(label, total=spec.epochs, completed=first_epoch, status="")
         for epoch in range(first_epoch, spec.epochs):
+            load = LoadWindow().start()  # others' CPU use during this epoch sizes the next one's threads
             torch.manual_seed(seed * 100_003 + epoch)
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
             rng = np.random.default_rng([seed, epoch])
@@ -204,6 +206,7 @@ def train(
             )
             _save_latest(stage_dir / LATEST, fingerprint, epoch, model, method, optimizer, scheduler, result)
             bar.update(task, advance=1, status=f"loss {total / batches:.3f}  val acc {accuracy:.3f}")
+            rebalance_training_threads(load.stop(), log)
     method.finalize(model)
     result.deployed_accuracy = predict_accuracy(model, val_set)
     return result
