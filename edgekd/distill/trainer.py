@@ -240,8 +240,9 @@ def _dataset_teacher_outputs(
 ) -> ModelOutputs:
     """The teacher's logits and embeddings for the whole train split (variant 0), from the cache if any."""
     if cached is not None:
+        # copies: the cache is memory-mapped read-only, and torch wants writable arrays
         return ModelOutputs(
-            torch.from_numpy(np.asarray(cached.logits[0])), torch.from_numpy(np.asarray(cached.features[0]))
+            torch.from_numpy(np.array(cached.logits[0])), torch.from_numpy(np.array(cached.features[0]))
         )
     if source.teacher is None:
         raise ValueError(
