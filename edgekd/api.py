@@ -15,24 +15,13 @@ from edgekd.stages import PIPELINE, STAGE_NAMES
 from edgekd.targets import resolve_target
 
 
-def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None = None) -> RunContext:
-    """Fail in seconds, before any training, on anything named in the recipe that cannot work.
-
-    Checks, in order: the target, model and method names and options; the runtime (or engine
-    options) of the target's backend; the device address and its SSH files; every checkpoint
-    (exists, is readable, holds tensors); then it builds the dataset (data files, their contents,
-    sizes that cannot fit in memory, at least two classes), builds the teacher and student on it,
-    loads their checkpoints (they must fit) and runs each on two samples (inputs too small for a
-    model's pooling); and the calibration set's size. Only what the stages up to ``until`` use is
-    checked. The dataset is built into ``ctx`` (a new context when None), which is returned so the
-    run reuses it.
-    """
+def check_names(recipe: Recipe) -> None:
+    """The cheap part of :func:`preflight`: the target, model and method names and options, and the
+    runtime (or engine options) of the target's backend (:class:`BackendUnavailable` when missing)."""
     from edgekd.backends import BACKENDS, get_backend
     from edgekd.distill.methods import METHODS, parse_options
     from edgekd.models import model_factory
-    from edgekd.models.checkpoint import load_checkpoint
 
-    stages = STAGE_NAMES if until is None else STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     target = resolve_target(recipe.target)
     model_factory(recipe.teacher.model)
     model_factory(recipe.student.model)
@@ -52,6 +41,24 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
         engine_options(recipe, target)
     else:
         get_backend(target.backend)  # a missing runtime stops the run now, with its install hint
+
+
+def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None = None) -> RunContext:
+    """Fail in seconds, before any training, on anything named in the recipe that cannot work.
+
+    Checks, in order: :func:`check_names`; the device address and its SSH files; every checkpoint
+    (exists, is readable, holds tensors); then it builds the dataset (data files, their contents,
+    sizes that cannot fit in memory, at least two classes), builds the teacher and student on it,
+    loads their checkpoints (they must fit) and runs each on two samples (inputs too small for a
+    model's pooling); and the calibration set's size. Only what the stages up to ``until`` use is
+    checked. The dataset is built into ``ctx`` (a new context when None), which is returned so the
+    run reuses it.
+    """
+    from edgekd.models.checkpoint import load_checkpoint
+
+    stages = STAGE_NAMES if until is None else STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
+    check_names(recipe)
+    target = resolve_target(recipe.target)
     if "remote" in stages:
         _check_device(recipe)
     roles = [("teacher", recipe.teacher)] + ([("student", recipe.student)] if "distill" in stages else [])
@@ -59,8 +66,8 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
         if spec.checkpoint is not None:  # exists, readable, tensors only: before the dataset is built
             with _field(f"{role}.checkpoint"):
                 load_checkpoint(spec.checkpoint)
-    ctx = _with_dataset(recipe, ctx)
-    train_set, _, meta = ctx.dataset
+    ctx = ctx or RunContext(recipe=recipe, run_dir=recipe.run_dir)
+    train_set, _, meta = ctx.dataset  # built now: a bad data file fails here, before any training
     for role, spec in roles:
         _check_model(role, spec.model, spec.checkpoint, train_set, meta)
     quantize = recipe.quantize
@@ -79,26 +86,6 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
                 f"quantize.min_calibration_samples = {quantize.min_calibration_samples} INT8 calibration "
                 "needs; use more data, lower quantize.min_calibration_samples or set quantize.enabled: false"
             )
-    return ctx
-
-
-# The dataset a preflight built for a recipe with no run context (e.g. benchmark's check of each
-# target before its compress): handed to the next preflight of the same data and seed, once.
-_built: tuple[str, Any] | None = None
-
-
-def _with_dataset(recipe: Recipe, ctx: RunContext | None) -> RunContext:
-    """``ctx`` (or a new context) with its dataset built, reusing one a context-less preflight built."""
-    global _built
-    key = json.dumps([recipe.data.model_dump(mode="json"), recipe.seed], sort_keys=True)
-    if ctx is None:
-        ctx = RunContext(recipe=recipe, run_dir=recipe.run_dir)
-        _built = (key, ctx.dataset)
-        return ctx
-    if "dataset" not in ctx.__dict__ and _built is not None and _built[0] == key:
-        ctx.dataset = _built[1]  # fills the cached property
-    _built = None
-    ctx.dataset  # noqa: B018 - builds it now: a bad data file fails here, before any training
     return ctx
 
 

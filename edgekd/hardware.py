@@ -72,7 +72,7 @@ def benchmark(
 
     ``out`` defaults to ``<runs_dir>/<name>-benchmark``. Returns the comparison report (report.json).
     """
-    from edgekd.api import compress, preflight
+    from edgekd.api import check_names, compress
     from edgekd.report.hardware import build_comparison, pareto_plot, render_html, render_markdown
 
     overrides = list(overrides or [])
@@ -90,7 +90,7 @@ def benchmark(
         entries.append(entry)
         log(f"== target {target.name}: run {run_recipe.run_dir}")
         try:
-            preflight(run_recipe)
+            check_names(run_recipe)  # compress checks the rest before it trains
         except BackendUnavailable as exc:
             entry["why"] = str(exc)
             log(f"  not run: {exc}")

@@ -254,19 +254,16 @@ def test_short_frames_in_a_file_name_the_file_and_length(tmp_path, monkeypatch, 
     assert not runs.exists()
 
 
-def test_preflight_dataset_is_built_once_and_reused():
+def test_preflight_builds_the_dataset_into_the_run_context():
     from edgekd.api import preflight
     from edgekd.pipeline import RunContext
     from edgekd.recipe import load_recipe
 
     recipe = load_recipe(None, ["data.frames_per_class_snr=2", "runs_dir=/nonexistent/never"])
-    checked = preflight(recipe)
-    train, val, meta = checked.dataset
+    ctx = RunContext(recipe=recipe, run_dir=recipe.run_dir)
+    assert preflight(recipe, ctx) is ctx and "dataset" in ctx.__dict__  # the run reuses what it built
+    train, val, meta = ctx.dataset
     assert len(meta.classes) == 11 and len(train) + len(val) == 11 * 20 * 2
-    ctx = preflight(recipe, RunContext(recipe=recipe, run_dir=recipe.run_dir))
-    assert ctx.dataset is checked.dataset  # compress's preflight reuses what the first one built
-    again = preflight(recipe, RunContext(recipe=recipe, run_dir=recipe.run_dir))
-    assert again.dataset is not checked.dataset  # handed over once only
     assert not Path("/nonexistent/never").exists()
 
 
