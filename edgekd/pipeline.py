@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd import atomic
-from edgekd.errors import OutputError, RecipeError
+from edgekd.errors import RecipeError
 from edgekd.hashing import sha256_file, sha256_json
 from edgekd.recipe import Recipe
 from edgekd.targets import Target, resolve_target
@@ -195,11 +195,7 @@ def prepare_run_dir(run_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        todo = "free space on its disk" if exc.errno in atomic.DISK_FULL else "fix its permissions"
-        raise OutputError(
-            f"cannot write the run directory {run_dir}: {exc.strerror or exc}; "
-            f"choose another with --set runs_dir=PATH or {todo}"
-        ) from None
+        raise atomic.disk_error(f"the run directory {run_dir}", exc) from None
 
 
 def stage_dir_name(index: int, stage: Stage) -> str:
