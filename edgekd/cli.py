@@ -46,6 +46,12 @@ app = typer.Typer(
 )
 
 
+def run_name_for(data: str) -> str:
+    """A run name for ``--data``: the dataset's name, or for ``npz:FILE`` the file's stem."""
+    kind, _, path = data.partition(":")
+    return Path(path).stem or kind if path else data
+
+
 def _overrides(flags: dict[str, Any], sets: list[str]) -> list[str]:
     """CLI flags as dotted overrides (flags first, so an explicit --set wins)."""
     mapped = [f"{field}={value}" for field, value in flags.items() if value is not None]
@@ -103,7 +109,7 @@ def compress(
 ) -> None:
     """Run the whole pipeline for one target: distil, export, quantise, compile, bundle, profile, report."""
     if name is None and data is not None and recipe is None:
-        name = data  # another dataset gets its own run directory rather than the default recipe's
+        name = run_name_for(data)  # another dataset gets its own run directory, not the default recipe's
     flags = {
         "target": target,
         "name": name,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from yaml.events import AliasEvent
 
 from edgekd.errors import RecipeError
@@ -30,6 +30,7 @@ MAX_YAML_NODES = 100_000
 MAX_SEED = 2**32 - 1
 _RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _SHOWN_INPUT = 60  # characters of a bad value repeated in an error line
+FILE_SOURCES = ("npz",)  # dataset names that may carry their file: ``npz:FILE``
 
 
 class Section(BaseModel):
@@ -41,10 +42,12 @@ class DataSpec(Section):
 
     name: str = Field(
         "radio-synthetic",
-        description="dataset registry name: radio-synthetic, rml2016, rml2018, digits, imagefolder",
+        description="dataset registry name: radio-synthetic, rml2016, rml2018, digits, imagefolder, "
+        "npz (or npz:FILE, which sets path)",
     )
     path: Path | None = Field(
-        None, description="file for rml2016 (.pkl) / rml2018 (.hdf5); directory for imagefolder"
+        None,
+        description="file for rml2016 (.pkl) / rml2018 (.hdf5) / npz (.npz); directory for imagefolder",
     )
     frames_per_class_snr: int = Field(40, ge=1, description="synthetic frames per (modulation, SNR) pair")
     snr_min: int = Field(-20, ge=-40, le=40, description="lowest SNR in dB kept")
@@ -56,6 +59,16 @@ class DataSpec(Section):
         32, ge=8, le=1024, description="image datasets: side in pixels images are resized to"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _source_with_path(cls, data: Any) -> Any:
+        """``name: npz:FILE`` (and ``--data npz:FILE``) means ``name: npz, path: FILE``."""
+        if isinstance(data, dict) and isinstance(data.get("name"), str) and ":" in data["name"]:
+            kind, _, path = data["name"].partition(":")
+            if kind in FILE_SOURCES and path:
+                data = {**data, "name": kind, "path": path}
+        return data
+
 
 class TrainSpec(Section):
     """Optimisation settings shared by teacher training and distillation."""
@@ -66,8 +79,21 @@ class TrainSpec(Section):
     weight_decay: float = Field(1e-4, ge=0)
 
 
+MODEL_SOURCES = (
+    "edgekd:<name>, timm:<name>, torchvision:<name>, py:FILE.py:FACTORY, package.module:FACTORY"
+)
+
+
 class TeacherSpec(Section):
-    model: str = Field("edgekd:clst", description="teacher architecture, edgekd:<name> or timm:<name>")
+    model: str = Field(
+        "edgekd:clst", description=f"teacher model: {MODEL_SOURCES}, or onnx:FILE.onnx (outputs only)"
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of a py:/module: factory (beside num_classes)"
+    )
+    hint_layers: list[str] | None = Field(
+        None, description="module names whose outputs feature-map methods use (default: found automatically)"
+    )
     checkpoint: Path | None = Field(
         None, description="trained teacher weights (.pt, .safetensors); trained here when absent"
     )
@@ -77,7 +103,14 @@ class TeacherSpec(Section):
 
 class StudentSpec(Section):
     model: str = Field(
-        "edgekd:kd-cnn", description="edgekd:kd-cnn, edgekd:kd-mobilenet, edgekd:cnn or timm:<name>"
+        "edgekd:kd-cnn",
+        description=f"student model: {MODEL_SOURCES}; for edgekd deploy also onnx:FILE.onnx",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of a py:/module: factory (beside num_classes)"
+    )
+    hint_layers: list[str] | None = Field(
+        None, description="module names whose outputs feature-map methods use (default: found automatically)"
     )
     checkpoint: Path | None = Field(None, description="initial student weights (.pt, .safetensors; optional)")
     pretrained: bool = Field(False, description="timm models: start from the hub's pretrained weights")
@@ -130,6 +163,9 @@ class ExportSpec(Section):
     opset: int = Field(18, ge=18, le=23, description="ONNX opset (torch 2.14 dynamo exporter: >= 18)")
     tolerance: float = Field(1e-4, gt=0, description="max |ONNX - PyTorch| accepted")
     parity_samples: int = Field(64, ge=1)
+    dynamo: bool = Field(
+        True, description="torch.export-based exporter; false: the TorchScript exporter (for untraceable models)"
+    )
 
 
 class QuantizeSpec(Section):
@@ -207,6 +243,11 @@ class Recipe(Section):
     name: str = Field(
         "radio-default",
         description="run directory name: letters, digits, '.', '_', '-', not starting with '.'",
+    )
+    mode: Literal["compress", "deploy"] = Field(
+        "compress",
+        description="compress: distil a student from the teacher; deploy: take student.model as it is "
+        "(edgekd deploy) and run export, quantise, compile, bundle, profile and report",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random source (0..2**32-1)")
     target: str = Field("cpu", description="target name or alias from targets/")
