@@ -22,7 +22,12 @@ trained student and its exported FP32 ONNX. From that one file, in one run on th
    only the FP32 input). Wall time: ``olive.workflows.run`` alone (interpreter start and
    ``import olive`` excluded).
 
-Then both INT8 models (edgekd's artifact and the model Olive returns as best) are measured side by
+3. ``edgekd deploy`` on that same FP32 ONNX file, as a user who only has the ONNX runs it: the
+   command line in a subprocess (``edgekd deploy FILE --target cpu --data ...`` with the source run's
+   recipe), every stage from the model check to the report and bundle. Wall time: the whole command,
+   interpreter start included; its INT8 artifact joins the side-by-side rows as ``edgekd deploy INT8``.
+
+Then the INT8 models (edgekd's artifacts and the model Olive returns as best) are measured side by
 side in this process with edgekd's protocol: an ONNX Runtime session with edgekd's settings (same
 threads, sequential, all graph optimisations), batch 1, ``profile.warmup`` untimed and
 ``profile.iterations`` timed calls, p50; accuracy of each on the same held-out split (capped by
@@ -326,6 +331,45 @@ def edgekd_int8(run_dir: Path, root: Path, overrides: list[str]) -> tuple[Any, d
     return ctx, {name: round(results[name].wall_s, 3) for name in ("quantize", "compile")}
 
 
+def edgekd_deploy(ctx: Any, onnx_file: Path, root: Path) -> dict[str, Any]:
+    """``edgekd deploy ONNX --target cpu`` in a subprocess, with the source run's recipe; its wall time.
+
+    The recipe (quantize, profile, bundle settings, data) is the source run's, written as YAML; the
+    run goes to ``root/deploy``. Returns the command, the wall time, the stages' own recorded times and
+    the INT8 artifact's path.
+    """
+    import yaml
+
+    recipe_file = root / "deploy-recipe.yaml"
+    recipe = ctx.recipe.model_dump(mode="json")
+    recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    command = [
+        "edgekd", "deploy", str(onnx_file), "--target", "cpu", "--data", ctx.recipe.data.name,
+        "--recipe", str(recipe_file), "--name", "deploy", "--set", f"runs_dir={root}",
+        "--set", "student.checkpoint=null",
+    ]  # fmt: skip
+    if ctx.recipe.data.path is not None:
+        command += ["--set", f"data.path={ctx.recipe.data.path}"]
+    start = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-c", "from edgekd.cli import main; main()", *command[1:]],
+        capture_output=True,
+        text=True,
+    )
+    wall_s = round(time.perf_counter() - start, 3)
+    if completed.returncode != 0:
+        raise RuntimeError(f"edgekd deploy failed (exit {completed.returncode}): {completed.stderr[-2000:]}")
+    report = json.loads((root / "deploy" / "report.json").read_text(encoding="utf-8"))
+    int8 = next(a for a in report["artifacts"] if a["precision"] == "int8")
+    return {
+        "command": " ".join(command),
+        "wall_s": wall_s,
+        "stage_wall_s": {name: stage["wall_s"] for name, stage in report["stages"].items()},
+        "int8_file": str(root / "deploy" / int8["path"]),
+        "headline": report["headline"],
+    }
+
+
 # --------------------------------------------------------------------------- side-by-side measurement
 
 
@@ -510,6 +554,8 @@ def main() -> None:
                 "input_name": onnx.load(str(onnx_file), load_external_data=False).graph.input[0].name,
             },
         )
+        console.print(f"edgekd deploy {onnx_file.name} --target cpu (subprocess)")
+        deployed = edgekd_deploy(ctx, onnx_file, root)
         int8_record = next(a for a in ctx.output("compile", "artifacts") if a["precision"] == "int8")
         olive_file = Path(olive["chosen"]["model_file"])
         console.print("measuring side by side")
@@ -518,6 +564,7 @@ def main() -> None:
             {
                 "FP32 ONNX (edgekd export)": (onnx_file, None),
                 "edgekd INT8": (ctx.run_dir / int8_record["path"], None),
+                "edgekd deploy INT8": (Path(deployed["int8_file"]), None),
                 "Olive INT8 (edgekd session)": (olive_file, None),
                 "Olive INT8 (Olive-tuned session)": (olive_file, olive["chosen"]["inference_settings"]),
             },
@@ -536,8 +583,17 @@ def main() -> None:
             rows["Olive INT8 (Olive-tuned session)"]["latency"]["p50_ms"] / ek["latency"]["p50_ms"], 3
         ),
         "accuracy_edgekd_minus_olive": round(ek["accuracy"] - ol["accuracy"], 5),
-        "wall_s": {"edgekd_quantize_compile": edgekd_wall, "olive_workflow": olive["wall_s"]},
+        "wall_s": {
+            "edgekd_quantize_compile": edgekd_wall,
+            "edgekd_deploy_command": deployed["wall_s"],
+            "olive_workflow": olive["wall_s"],
+            "olive_worker_process": olive.get("process_wall_s"),
+        },
         "wall_ratio_olive_over_edgekd": round(olive["wall_s"] / edgekd_wall, 2),
+        "wall_ratio_olive_over_edgekd_deploy": round(olive["wall_s"] / deployed["wall_s"], 2),
+        "latency_ratio_olive_over_edgekd_deploy": round(
+            ol["latency"]["p50_ms"] / rows["edgekd deploy INT8"]["latency"]["p50_ms"], 3
+        ),
     }
     summary["goal_no_slower"] = ek["latency"]["p50_ms"] <= ol["latency"]["p50_ms"]
     summary["goal_no_less_accurate"] = ek["accuracy"] >= ol["accuracy"]
@@ -565,6 +621,11 @@ def main() -> None:
         f"({edgekd_stage_s['quantize']:.2f} + {edgekd_stage_s['compile']:.2f}); Olive workflow "
         f"{olive['wall_s']:.2f} s ({olive['quantized_candidates']} quantised models, "
         f"{olive['evaluated_candidates']} evaluated candidates)"
+    )
+    console.print(
+        f"edgekd deploy (the whole command: check, quantise, compile, bundle, profile, report) "
+        f"{deployed['wall_s']:.2f} s; Olive p50 / edgekd deploy p50 = "
+        f"{summary['latency_ratio_olive_over_edgekd_deploy']}"
     )
     console.print(
         f"Olive p50 / edgekd p50 = {summary['latency_ratio_olive_over_edgekd']} (same session settings), "
@@ -609,12 +670,18 @@ def main() -> None:
                     "max_iter": args.olive_max_iter,
                 },
                 "frames": frames,
+                "deploy": {
+                    "command": deployed["command"],
+                    "recipe": "the source run's recipe (mode: deploy, student.model: the FP32 ONNX)",
+                    "wall": "the whole subprocess, interpreter start included",
+                },
             },
             "summary": summary,
             "edgekd": {
                 "stage_wall_s": edgekd_stage_s,
                 "quantization": ctx.output("quantize", "quantization"),
             },
+            "edgekd_deploy": deployed,
             "olive": olive,
             "rows": rows,
         },

@@ -14,9 +14,16 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0"
 
 
-def compress(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export of edgekd.api.compress
-    """Run the whole pipeline; see :func:`edgekd.api.compress`."""
-    from edgekd.api import compress as run
+def compress(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy re-export of edgekd.objects.compress
+    """Distil, export, quantise, compile, bundle, profile, report; see :func:`edgekd.objects.compress`."""
+    from edgekd.objects import compress as run
+
+    return run(*args, **kwargs)
+
+
+def deploy(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy re-export of edgekd.objects.deploy
+    """Deploy a model trained elsewhere (no distillation); see :func:`edgekd.objects.deploy`."""
+    from edgekd.objects import deploy as run
 
     return run(*args, **kwargs)
 

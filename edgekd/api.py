@@ -11,7 +11,7 @@ from typing import Any
 from edgekd.errors import RecipeError
 from edgekd.pipeline import RunContext, run_stages
 from edgekd.recipe import Recipe, load_recipe
-from edgekd.stages import PIPELINE, STAGE_NAMES
+from edgekd.stages import PIPELINE, STAGE_NAMES, pipeline_for
 from edgekd.targets import resolve_target
 
 
@@ -20,11 +20,10 @@ def check_names(recipe: Recipe) -> None:
     runtime (or engine options) of the target's backend (:class:`BackendUnavailable` when missing)."""
     from edgekd.backends import BACKENDS, get_backend
     from edgekd.distill.methods import METHODS, parse_options
-    from edgekd.models import model_factory
+    from edgekd.models.sources import check_model_sources
 
     target = resolve_target(recipe.target)
-    model_factory(recipe.teacher.model)
-    model_factory(recipe.student.model)
+    check_model_sources(recipe)  # every source resolves; onnx: only as a teacher, without hint maps
     method = METHODS.get(recipe.distill.method)
     for name in recipe.distill.options:
         parse_options(METHODS.get(name), recipe.distill, name)
@@ -58,7 +57,6 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
 
     stages = STAGE_NAMES if until is None else STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     check_names(recipe)
-    target = resolve_target(recipe.target)
     if "remote" in stages:
         _check_device(recipe)
     roles = [("teacher", recipe.teacher)] + ([("student", recipe.student)] if "distill" in stages else [])
@@ -69,7 +67,14 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
     ctx = ctx or RunContext(recipe=recipe, run_dir=recipe.run_dir)
     train_set, _, meta = ctx.dataset  # built now: a bad data file fails here, before any training
     for role, spec in roles:
-        _check_model(role, spec.model, spec.checkpoint, train_set, meta)
+        _check_model(role, spec.model, spec.checkpoint, train_set, meta, spec.kwargs, spec.hint_layers)
+    _check_calibration(recipe, stages, train_set, meta)
+    return ctx
+
+
+def _check_calibration(recipe: Recipe, stages: list[str], train_set: Any, meta: Any) -> None:
+    """INT8 calibration (when a stage up to ``--until`` quantises) has enough frames to draw from."""
+    target = resolve_target(recipe.target)
     quantize = recipe.quantize
     if quantize.enabled and "int8" in target.precisions and {"quantize", "compile"} & set(stages):
         from edgekd.errors import QuantizeError
@@ -86,7 +91,6 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
                 f"quantize.min_calibration_samples = {quantize.min_calibration_samples} INT8 calibration "
                 "needs; use more data, lower quantize.min_calibration_samples or set quantize.enabled: false"
             )
-    return ctx
 
 
 @contextmanager
@@ -119,8 +123,19 @@ def _check_device(recipe: Recipe) -> None:
             raise DeviceError(f"{field} {path}: {state}; pass an existing file or leave {field} unset")
 
 
-def _check_model(role: str, name: str, checkpoint: Path | None, train_set: Any, meta: Any) -> None:
-    """Build ``name`` for the dataset, load ``checkpoint`` into it (it must fit) and run two samples."""
+def _check_model(
+    role: str,
+    name: str,
+    checkpoint: Path | None,
+    train_set: Any,
+    meta: Any,
+    kwargs: dict[str, Any] | None = None,
+    hint_layers: list[str] | None = None,
+) -> None:
+    """Build ``name`` for the dataset, load ``checkpoint`` into it (it must fit) and run two samples.
+
+    ``kwargs`` and ``hint_layers`` are the recipe section's; an ONNX teacher's input shape is checked
+    against the data's as it is built."""
     import torch
 
     from edgekd.errors import DataError, first_line
@@ -129,7 +144,15 @@ def _check_model(role: str, name: str, checkpoint: Path | None, train_set: Any, 
 
     shape = tuple(meta.input_shape)
     # pretrained=False: the architecture is what matters here; the stage fetches hub weights itself.
-    model = build_model(name, len(meta.classes), shape[0], role=role, input_shape=shape)
+    model = build_model(
+        name,
+        len(meta.classes),
+        shape[0],
+        role=role,
+        input_shape=shape,
+        kwargs=kwargs,
+        hint_layers=hint_layers,
+    )
     if checkpoint is not None:
         with _field(f"{role}.checkpoint"):
             load_weights(model, checkpoint, name)
@@ -159,6 +182,8 @@ def compress(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(Path(recipe) if recipe is not None else None, overrides or [])
+    if recipe.mode == "deploy":  # a recipe of an edgekd deploy run: its stages, its checks
+        return _run_deploy(recipe, force, until, log)
     if until is not None and until not in STAGE_NAMES:
         raise RecipeError(f"--until {until!r}: no such stage; stages are {', '.join(STAGE_NAMES)}")
     stages = PIPELINE if until is None else PIPELINE[: STAGE_NAMES.index(until) + 1]
@@ -199,8 +224,10 @@ def finished_run(run_dir: Path, until: str) -> RunContext:
             "(with --force report) to rewrite it"
         )
     recipe = build_recipe(report["recipe"], str(report_file))
-    ctx = RunContext(recipe=recipe, run_dir=run_dir)
-    for index, stage in enumerate(PIPELINE[: STAGE_NAMES.index(until)], start=1):
+    stages = pipeline_for(recipe)
+    names = [stage.name for stage in stages]
+    ctx = _context(recipe, run_dir)
+    for index, stage in enumerate(stages[: names.index(until)], start=1):
         stage_dir = run_dir / stage_dir_name(index, stage)
         record_file = stage_dir / STAGE_FILE
         if not record_file.is_file():
@@ -216,6 +243,143 @@ def finished_run(run_dir: Path, until: str) -> RunContext:
             stage.name, record["outputs"], record["fingerprint"], record["wall_s"], True, record_file
         )
     return ctx
+
+
+def _context(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print) -> RunContext:
+    """The run context of the recipe's mode (deploy: unlabelled data takes the FP32 model's predictions)."""
+    from edgekd.stages.model_import import DeployContext
+
+    kind = DeployContext if recipe.mode == "deploy" else RunContext
+    return kind(recipe=recipe, run_dir=run_dir, log=log)
+
+
+def deploy_preflight(recipe: Recipe, ctx: RunContext, until: str | None = None) -> RunContext:
+    """:func:`preflight` for ``edgekd deploy``: fail in seconds on anything that cannot work.
+
+    Checks, in order: the target and its backend's runtime; the model source (an ONNX file must exist
+    and pass ``onnx.checker``; a PyTorch source must be known) and its checkpoint; the device; then it
+    builds the dataset, checks that the model takes its samples (an ONNX input shape, or a forward
+    pass of the PyTorch model with its checkpoint loaded on two samples, with one output per class)
+    and the calibration set's size.
+    """
+    from edgekd.models.checkpoint import load_checkpoint
+    from edgekd.stages import DEPLOY_STAGE_NAMES
+    from edgekd.stages import model_import as imported
+
+    names = DEPLOY_STAGE_NAMES
+    stages = names if until is None else names[: names.index(until) + 1]
+    _check_backend(recipe)
+    spec = recipe.student
+    proto = None
+    if imported.is_onnx(spec.model):
+        proto = imported.check_onnx_file(imported.onnx_file(spec.model))  # before anything else
+        if spec.checkpoint is not None:
+            raise RecipeError(
+                f"--checkpoint {spec.checkpoint}: an ONNX model carries its weights; drop --checkpoint"
+            )
+    else:
+        from edgekd.models import model_factory
+
+        model_factory(spec.model)
+        if spec.checkpoint is not None:
+            with _field("--checkpoint"):
+                load_checkpoint(spec.checkpoint)
+    if "remote" in stages:
+        _check_device(recipe)
+    train_set, _, meta = ctx.dataset
+    if proto is not None:
+        imported.check_fits(proto, imported.onnx_file(spec.model), tuple(meta.input_shape), meta.source)
+    else:
+        imported.check_torch_model(recipe, train_set, meta)
+    _check_calibration(recipe, stages, train_set, meta)
+    return ctx
+
+
+def _check_backend(recipe: Recipe) -> None:
+    """The target exists and its backend's runtime is here (or, for device builds, its engine options)."""
+    from edgekd.backends import BACKENDS, get_backend
+
+    target = resolve_target(recipe.target)
+    if BACKENDS.get(target.backend).builds_without_runtime:
+        from edgekd.stages.device_build import engine_options
+
+        engine_options(recipe, target)
+    else:
+        get_backend(target.backend)
+
+
+def _run_deploy(
+    recipe: Recipe, force: set[str] | None, until: str | None, log: Callable[[str], None]
+) -> dict[str, Any]:
+    from edgekd.stages import DEPLOY_PIPELINE, DEPLOY_STAGE_NAMES
+
+    if until is not None and until not in DEPLOY_STAGE_NAMES:
+        raise RecipeError(f"--until {until!r}: no such stage; stages are {', '.join(DEPLOY_STAGE_NAMES)}")
+    stages = DEPLOY_PIPELINE if until is None else DEPLOY_PIPELINE[: DEPLOY_STAGE_NAMES.index(until) + 1]
+    ctx = deploy_preflight(recipe, _context(recipe, recipe.run_dir, log), until)
+    results = run_stages(ctx, stages, force=force)
+    if "report" in results:
+        return json.loads(
+            (ctx.run_dir / results["report"].outputs["report_file"]).read_text(encoding="utf-8")
+        )
+    return {name: result.outputs for name, result in results.items()}
+
+
+def deploy(
+    model: str | Path,
+    target: str | None = None,
+    data: str | None = None,
+    checkpoint: Path | str | None = None,
+    recipe: Recipe | Path | str | None = None,
+    overrides: list[str] | None = None,
+    force: set[str] | None = None,
+    until: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Deploy a model trained elsewhere (no distillation): export, quantise, compile, bundle, profile, report.
+
+    ``model`` is an ONNX file (``*.onnx`` or ``onnx:FILE``) or any model source (``edgekd:``, ``timm:``,
+    ``torchvision:``, ``py:FILE:factory``, ``module:factory``) whose weights are ``checkpoint``. It
+    becomes the recipe's ``student.model`` with ``mode: deploy``; the run is named after the model
+    file's stem unless ``name=`` is among ``overrides``. Returns the report (or, with ``until``, the
+    finished stages' outputs), like :func:`compress`.
+    """
+    from edgekd.recipe import apply_overrides, build_recipe
+    from edgekd.stages.model_import import model_source
+
+    source = model_source(str(model))
+    if isinstance(recipe, Recipe):
+        base, where = recipe.model_dump(mode="json"), "recipe"
+    else:
+        path = Path(recipe) if recipe is not None else None
+        base, where = load_recipe(path).model_dump(mode="json"), str(path or "deploy")
+    # The arguments first (set as values, never parsed), then the overrides, so an explicit --set wins.
+    base["mode"] = "deploy"
+    base["student"]["model"] = source
+    if checkpoint is not None:
+        base["student"]["checkpoint"] = str(checkpoint)
+    if target is not None:
+        base["target"] = target
+    if data is not None:
+        base["data"]["name"], base["data"]["path"] = data, None
+    if recipe is None:
+        base["name"] = deploy_run_name(source)
+    resolved = build_recipe(apply_overrides(base, overrides or []), where)
+    return _run_deploy(resolved, force, until, log)
+
+
+def deploy_run_name(source: str) -> str:
+    """The default run name of a deploy: the model file's stem (``py:``/``onnx:``), else the model's name."""
+    from edgekd.stages.model_import import is_onnx, onnx_file
+
+    if is_onnx(source):
+        stem = onnx_file(source).stem
+    elif source.startswith("py:"):
+        stem = Path(source[3:].rpartition(":")[0]).stem
+    else:
+        stem = source.rpartition(":")[2].replace("/", "-")
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).lstrip(".")
+    return cleaned or "deploy"
 
 
 def bundle(run_dir: Path | str, target: str | None = None, precision: str | None = None) -> Path:

@@ -46,6 +46,20 @@ app = typer.Typer(
 )
 
 
+# Options compress and deploy share.
+SetFlag = Annotated[list[str] | None, typer.Option("--set", help="FIELD=VALUE recipe override (repeatable)")]
+ForceFlag = Annotated[
+    list[str] | None, typer.Option(help="rerun this stage even if cached ('all' for every one)")
+]
+UntilFlag = Annotated[str | None, typer.Option(help="stop after this stage")]
+DeviceFlag = Annotated[
+    str | None, typer.Option(help="also profile on this device over SSH: user@host[:port]")
+]
+KnownHostsFlag = Annotated[
+    Path | None, typer.Option(help="known_hosts file the device's host key is checked against")
+]
+
+
 def run_name_for(data: str) -> str:
     """A run name for ``--data``: the dataset's name, or for ``npz:FILE`` the file's stem."""
     kind, _, path = data.partition(":")
@@ -92,19 +106,11 @@ def compress(
         int | None, typer.Option(help="epochs for both teacher training and distillation")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="seed of every random source")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="FIELD=VALUE recipe override (repeatable)")
-    ] = None,
-    force: Annotated[
-        list[str] | None, typer.Option(help="rerun this stage even if cached ('all' for every one)")
-    ] = None,
-    until: Annotated[str | None, typer.Option(help="stop after this stage")] = None,
-    device: Annotated[
-        str | None, typer.Option(help="also profile on this device over SSH: user@host[:port]")
-    ] = None,
-    known_hosts: Annotated[
-        Path | None, typer.Option(help="known_hosts file the device's host key is checked against")
-    ] = None,
+    set_: SetFlag = None,
+    force: ForceFlag = None,
+    until: UntilFlag = None,
+    device: DeviceFlag = None,
+    known_hosts: KnownHostsFlag = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and exit")] = False,
 ) -> None:
     """Run the whole pipeline for one target: distil, export, quantise, compile, bundle, profile, report."""
@@ -130,11 +136,64 @@ def compress(
         console.print(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), end="")
         return
     from edgekd.api import compress as run_compress
-    from edgekd.report.markdown import SUMMARY_HEADER, summary_rows
 
     report = run_compress(resolved, force=set(force or []), until=until, log=log)
+    _print_report(report, until, resolved.run_dir)
+
+
+@app.command(epilog=COMPRESS_EPILOG)
+def deploy(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="the model: an .onnx file (or onnx:FILE), or a model source (edgekd:, timm:, torchvision:, "
+            "py:FILE.py:FACTORY, package.module:FACTORY) with --checkpoint"
+        ),
+    ],
+    target: Annotated[str, typer.Option(help="target name or alias (see `edgekd targets`)")],
+    data: Annotated[
+        str,
+        typer.Option(help="dataset for calibration and evaluation: npz:FILE, digits, radio-synthetic, ..."),
+    ],
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="weights of a PyTorch model source (.pt state_dict, .safetensors)")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="YAML recipe (quantize, profile, bundle settings)")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="run name: outputs go to <runs_dir>/<name> (default: the model's stem)")
+    ] = None,
+    set_: SetFlag = None,
+    force: ForceFlag = None,
+    until: UntilFlag = None,
+    device: DeviceFlag = None,
+    known_hosts: KnownHostsFlag = None,
+) -> None:
+    """Deploy a model trained elsewhere (no distillation): quantise, compile, bundle, profile, report."""
+    from edgekd.api import deploy as run_deploy
+
+    flags = {"name": name, "device.host": device, "device.known_hosts": known_hosts}
+    report = run_deploy(
+        model,
+        target=target,
+        data=data,
+        checkpoint=checkpoint,
+        recipe=recipe,
+        overrides=_overrides(flags, set_ or []),
+        force=set(force or []),
+        until=until,
+        log=log,
+    )
+    _print_report(report, until)
+
+
+def _print_report(report: dict[str, Any], until: str | None, run_dir: Path) -> None:
+    """The summary table, headline and report paths of a finished run (or where it stopped)."""
+    from edgekd.report.markdown import SUMMARY_HEADER, summary_rows
+
     if "rows" not in report:
-        console.print(f"stopped after stage {until!r}; outputs in {resolved.run_dir}")
+        console.print(f"stopped after stage {until!r}; outputs in {run_dir}")
         return
     table = Table(title=f"edgekd · {report['run']} · target {report['target']['name']}")
     for column in SUMMARY_HEADER:
@@ -143,9 +202,11 @@ def compress(
         table.add_row(*row)
     console.print(table)
     console.print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report["headline"].items()))
+    if report.get("labels_note"):
+        console.print(report["labels_note"])
     for item in report.get("not_measured", []):
         console.print(f"not measured: {item['name']}: {item['why']}")
-    console.print(f"report: {resolved.run_dir / 'report.md'}  {resolved.run_dir / 'report.json'}")
+    console.print(f"report: {run_dir / 'report.md'}  {run_dir / 'report.json'}")
 
 
 def _hardware(target: Any) -> str:
@@ -203,15 +264,11 @@ def benchmark(
     name: Annotated[
         str | None, typer.Option(help="run name: each target runs as <runs_dir>/<name>-<target>")
     ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="FIELD=VALUE recipe override (repeatable)")
-    ] = None,
+    set_: SetFlag = None,
     device: Annotated[
         str | None, typer.Option(help="also profile every target's bundle on this device: user@host[:port]")
     ] = None,
-    known_hosts: Annotated[
-        Path | None, typer.Option(help="known_hosts file the device's host key is checked against")
-    ] = None,
+    known_hosts: KnownHostsFlag = None,
     out: Annotated[
         Path | None, typer.Option(help="where the comparison goes (default: <runs_dir>/<name>-benchmark)")
     ] = None,
@@ -290,9 +347,7 @@ def search_student(
     batch: Annotated[int, typer.Option(help="samples in the scoring batch")] = 64,
     epochs: Annotated[int | None, typer.Option(help="teacher training epochs")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the batch, candidates' init and teacher")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="FIELD=VALUE recipe override (repeatable)")
-    ] = None,
+    set_: SetFlag = None,
     out: Annotated[Path | None, typer.Option(help="JSON output (default: models/search/<name>.json)")] = None,
 ) -> None:
     """Rank candidate students for a teacher without training them (DisWOT); lower score is better."""

@@ -53,6 +53,7 @@ class RunContext:
     run_dir: Path
     log: Callable[[str], None] = print
     results: dict[str, StageResult] = field(default_factory=dict)
+    forced: set[str] = field(default_factory=set)  # stages run with --force (start afresh, reuse nothing)
 
     @cached_property
     def target(self) -> Target:
@@ -88,12 +89,18 @@ def recipe_fields(*names: str) -> Callable[[Recipe], dict[str, Any]]:
 
 
 def fingerprint(stage: Stage, ctx: RunContext) -> str:
-    """Hash of the stage's recipe slice and the content of its input files."""
+    """Hash of the stage's recipe slice and the content of its input files.
+
+    A stage whose slice holds the ``data`` section is also keyed by the dataset's own fingerprint
+    (it hashes the data files' content), so replacing a data file at the same path reruns it.
+    """
     inputs = {
         str(p.relative_to(ctx.run_dir) if p.is_relative_to(ctx.run_dir) else p): sha256_file(p)
         for p in stage.inputs(ctx)
     }
-    return sha256_json({"stage": stage.name, "config": stage.config(ctx.recipe), "inputs": inputs})
+    config = stage.config(ctx.recipe)
+    data = {"data_fingerprint": ctx.dataset[2].fingerprint} if "data" in config else {}
+    return sha256_json({"stage": stage.name, "config": config, "inputs": inputs, **data})
 
 
 def _output_files(outputs: dict[str, Any]) -> list[str]:
@@ -209,6 +216,7 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
     included, is removed first.
     """
     force = force or set()
+    ctx.forced = {stage.name for stage in stages} if "all" in force else set(force)
     unknown = force - {s.name for s in stages} - {"all"}
     if unknown:
         known = ", ".join(s.name for s in stages)

@@ -79,9 +79,7 @@ class TrainSpec(Section):
     weight_decay: float = Field(1e-4, ge=0)
 
 
-MODEL_SOURCES = (
-    "edgekd:<name>, timm:<name>, torchvision:<name>, py:FILE.py:FACTORY, package.module:FACTORY"
-)
+MODEL_SOURCES = "edgekd:<name>, timm:<name>, torchvision:<name>, py:FILE.py:FACTORY, package.module:FACTORY"
 
 
 class TeacherSpec(Section):
@@ -98,6 +96,11 @@ class TeacherSpec(Section):
         None, description="trained teacher weights (.pt, .safetensors); trained here when absent"
     )
     pretrained: bool = Field(False, description="timm models: start from the hub's pretrained weights")
+    store: bool = Field(
+        True,
+        description="reuse a teacher an earlier run trained with the same model, settings, seed and data "
+        "(models/cache/teachers); false: always train it here",
+    )
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=15))
 
 
@@ -164,7 +167,7 @@ class ExportSpec(Section):
     tolerance: float = Field(1e-4, gt=0, description="max |ONNX - PyTorch| accepted")
     parity_samples: int = Field(64, ge=1)
     dynamo: bool = Field(
-        True, description="torch.export-based exporter; false: the TorchScript exporter (for untraceable models)"
+        True, description="torch.export-based exporter; false: the TorchScript one (for untraceable models)"
     )
 
 

@@ -202,15 +202,12 @@ def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
         "runtimes": runtime_versions(),
         "run": ctx.recipe.name,
         "target": target.to_dict(),
-        "model": ctx.output("distill", "model"),
+        "model": ctx.recipe.student.model if "model" in ctx.results else ctx.output("distill", "model"),
         "task": meta.task,
         "input_shape": list(meta.input_shape),
         "labels": list(meta.classes),
         "preprocessing": meta.normalisation,
-        "training": {
-            "method": ctx.output("distill", "method"),
-            "augmentation": ctx.output("distill", "augment"),
-        },
+        "training": _training(ctx),
         "dataset": {"name": meta.name, "fingerprint": meta.fingerprint, "source": meta.source},
         "artifacts": artifacts,
         "firmware": firmware,
@@ -224,9 +221,29 @@ def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
             "file": EVAL_FILE,
             "frames": len(eval_arrays["y"]),
             "split": "held-out (the first frames of the split the profile stage evaluates)",
-            "arrays": {"x": "model inputs (preprocessed)", "y": "labels", "groups": "SNR in dB"},
+            "arrays": {"x": "model inputs (preprocessed)", "y": _label_source(ctx), "groups": "SNR in dB"},
         },
     }
+
+
+def _label_source(ctx: RunContext) -> str:
+    """What eval.npz's ``y`` holds: the labels, or (deploy, unlabelled data) the FP32 model's predictions."""
+    if "model" in ctx.results and "labels_file" in ctx.results["model"].outputs:
+        return "the FP32 model's predictions (the data has no labels)"
+    return "labels"
+
+
+def _training(ctx: RunContext) -> dict[str, Any]:
+    """How the model was obtained: distilled here (method, augmentation), or trained elsewhere (deploy)."""
+    if "model" in ctx.results:
+        origin = ctx.output("model", "origin")
+        return {
+            "method": None,
+            "augmentation": None,
+            "trained": "elsewhere (edgekd deploy)",
+            "origin": origin,
+        }
+    return {"method": ctx.output("distill", "method"), "augmentation": ctx.output("distill", "augment")}
 
 
 def _write_c_array(work: Path, chosen: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Built in: ``radio-synthetic`` (default, no download), ``rml2016`` / ``rml2016.10a`` and
 ``rml2018`` / ``rml2018.01a`` (see :mod:`edgekd.data.radio`); ``digits`` (scikit-learn's, no
-download) and ``imagefolder`` (see :mod:`edgekd.data.vision`).
+download) and ``imagefolder`` (see :mod:`edgekd.data.vision`); ``npz`` (a user's own arrays, see
+:mod:`edgekd.data.arrays`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from functools import partial
 
 import numpy as np
 
+from edgekd.data.arrays import as_float32, scale_inputs, unscale_inputs
 from edgekd.data.base import (
     DATASETS,
     NORMALISATION,
@@ -19,6 +21,7 @@ from edgekd.data.base import (
     DatasetMeta,
     normalise_frames,
     require_classes,
+    require_labels,
     stratified_split,
 )
 from edgekd.data.radio import MODULATIONS, RML2018_CLASSES, SNR_LEVELS, synthesize
@@ -37,6 +40,7 @@ __all__ = [
     "normalise_frames",
     "normalise_images",
     "raw_and_preprocess",
+    "require_labels",
     "synthesize",
 ]
 
@@ -48,14 +52,17 @@ def build_dataset(spec: DataSpec, seed: int) -> tuple[ArrayDataset, ArrayDataset
     unless the source comes with its own split. An unknown name raises
     :class:`~edgekd.errors.RecipeError` listing the known ones; a missing or malformed file, a size
     that cannot fit in memory, or fewer than two classes (in the train frames) raise
-    :class:`~edgekd.errors.DataError`.
+    :class:`~edgekd.errors.DataError`. Unlabelled data (``meta.labelled`` False, labels -1) is built
+    without the class check; callers that train call :func:`require_labels`.
     """
     data, meta = DATASETS.get(spec.name)(spec, seed)
     hint = "use a dataset of several classes (check data.path, data.snr_min/snr_max and data.max_frames)"
     if isinstance(data, tuple):  # the source's own (train, val) split
-        require_classes(data[0], meta.classes, meta.source, hint)
+        if meta.labelled:
+            require_classes(data[0], meta.classes, meta.source, hint)
         return data[0], data[1], meta
-    require_classes(data, meta.classes, meta.source, hint)
+    if meta.labelled:
+        require_classes(data, meta.classes, meta.source, hint)
     train, val = stratified_split(data, spec.val_fraction, seed, meta.source)
     return train, val, meta
 
@@ -65,10 +72,18 @@ def raw_and_preprocess(
 ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """Raw inputs and the numpy preprocessing that turns them into the model inputs ``x``.
 
-    What end-to-end latency times: images in [0, 1] and their mean/std normalisation, or IQ frames
-    and their per-frame power normalisation (idempotent, so the frames are their own raw form).
+    What end-to-end latency times: images in [0, 1] and their mean/std normalisation; uint8 arrays
+    and their scaling to float32 (npz ``scale``); float arrays as they are (npz ``none``: only the
+    float32 conversion); or IQ frames and their per-frame power normalisation (idempotent, so the
+    frames are their own raw form).
     """
-    if meta.normalisation.get("type") == IMAGE_NORMALISATION:
+    kind = meta.normalisation.get("type")
+    if kind == IMAGE_NORMALISATION:
         mean, std = tuple(meta.normalisation["mean"]), tuple(meta.normalisation["std"])
         return denormalise_images(x, mean, std), partial(normalise_images, mean=mean, std=std)
+    if kind == "scale":
+        factor = float(meta.normalisation["factor"])
+        return unscale_inputs(x, factor), partial(scale_inputs, factor=factor)
+    if kind == "none":
+        return x, as_float32
     return x, normalise_frames

@@ -22,12 +22,16 @@ from edgekd.registry import Registry
 
 @dataclass
 class ArrayDataset:
-    """In-memory frames with labels and (optionally) their SNR."""
+    """In-memory frames with labels and (optionally) their SNR, or another per-sample group.
+
+    ``snr`` keeps its name for the radio sources; for others it holds integer group codes, which
+    :attr:`DatasetMeta.group_name` and :attr:`DatasetMeta.group_labels` describe.
+    """
 
     # float32, already normalised: (N, 2, L) IQ frames (row 0 = I, row 1 = Q) or (N, 3, H, W) images
     x: np.ndarray
     y: np.ndarray  # int64 (N,) class indices into DatasetMeta.classes
-    snr: np.ndarray | None  # int16 (N,) SNR in dB per frame, None if unknown
+    snr: np.ndarray | None  # integer (N,): SNR in dB per frame, or group codes (DatasetMeta); None if unknown
 
     def __post_init__(self) -> None:
         lengths = {len(self.x), len(self.y)} | ({len(self.snr)} if self.snr is not None else set())
@@ -55,6 +59,11 @@ class DatasetMeta:
     fingerprint: str  # sha256 of the generating spec + seed, or of the file + spec
     source: str  # human description: generator and seed, or the file path
     mirror_invariant: bool = False  # a horizontally mirrored input keeps its class (image augmentation)
+    labelled: bool = True  # False: every label is -1 (npz without y); fine for deploy, not for training
+    # What ArrayDataset.snr holds when set: its name in the report ("SNR (dB)" for the radio sources)
+    # and, for string groups stored as codes 0..G-1, the name of each code (None: the codes are values).
+    group_name: str = "SNR (dB)"
+    group_labels: list[str] | None = None
 
     def to_dict(self) -> dict:
         """JSON-able form (tuples become lists)."""
@@ -175,6 +184,19 @@ def require_classes(data: ArrayDataset, classes: list[str], source: str, hint: s
         f"{source}: the kept frames hold {len(present)} class{'es' if len(present) != 1 else ''}"
         f"{f' ({names})' if names else ''}, a classifier needs at least {MIN_CLASSES}; {hint}"
     )
+
+
+def require_labels(meta: DatasetMeta, what: str) -> None:
+    """:class:`DataError` when ``meta`` describes unlabelled data and ``what`` (e.g. "compress") needs labels.
+
+    Unlabelled data (an npz without ``y``) is enough to quantise, compile and measure agreement with
+    the float model (``edgekd deploy``), not to train or distil.
+    """
+    if not meta.labelled:
+        raise DataError(
+            f"{meta.source}: the data has no labels (no y / y_train, y_val), but {what} needs them; add "
+            "integer class labels to the file, or use edgekd deploy, which measures agreement without labels"
+        )
 
 
 def require_finite(values: np.ndarray, source: str, what: str) -> None:

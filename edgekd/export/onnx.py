@@ -1,7 +1,9 @@
 """Export a PyTorch classifier to one self-contained ONNX file and prove it computes the same thing.
 
-The exporter is ``torch.onnx.export`` in its default (dynamo, ``torch.export``-based) mode. Its
-quirks handled here:
+The exporter is ``torch.onnx.export`` in its default (dynamo, ``torch.export``-based) mode, or with
+``dynamo=False`` the TorchScript tracer (``export.dynamo: false``), for models ``torch.export`` cannot
+trace (Python control flow on tensor values: the tracer records the branch the example input takes).
+Quirks handled here:
 
 - it prints progress and logs warnings: all of it (Python, logging and C++ output) is captured and,
   on failure, written to ``<output>.export.log`` beside the requested file;
@@ -9,7 +11,8 @@ quirks handled here:
   silently keeps opset 18 when a lower opset is requested and its version conversion fails: both
   are checked on the written file and reported as :class:`~edgekd.errors.ExportError`;
 - its errors are long multi-paragraph reports: they are reduced to one line naming the model class,
-  the failing op or source line and the reason.
+  the submodule and source line where tracing failed, the failing op and the reason, and, when
+  ``torch.export`` could not trace the model, the TorchScript exporter to try instead.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ EXPORT_BATCH = 2
 # Batch sizes run by check_parity besides the full set: 1 is always different from EXPORT_BATCH.
 PARITY_SMALL_BATCH = 1
 PARITY_SMALL_RUNS = 4
+# What to try when torch.export cannot trace a model.
+TORCHSCRIPT_HINT = "or set export.dynamo: false (--set export.dynamo=false) for the TorchScript exporter"
 # Op types whose ONNX Runtime result is bit-exact with PyTorch (data movement, comparisons, max):
 # they are never the ones to blame for a parity failure.
 _EXACT_OPS = frozenset(
@@ -123,8 +128,42 @@ def _first_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def describe_export_failure(exc: BaseException, opset: int) -> str:
-    """Reduce an exporter exception to "what failed: why; what to do" on one line."""
+def _traced_by_torch_export(chain: list[BaseException], everything: str) -> bool:
+    """Whether the failure happened while torch.export traced the model (not in ONNX translation)."""
+    names = {type(e).__name__ for e in chain}
+    return bool(
+        names & {"TorchExportError", "Unsupported", "UserError", "GuardOnDataDependentSymNode"}
+        or "Failed to export the model with torch.export" in everything
+        or "data-dependent" in everything
+    )
+
+
+def _submodule_at(model: nn.Module | None, file: str, line: int) -> str | None:
+    """``name (Class)`` of the submodule of ``model`` whose ``forward`` holds ``file:line``, if any."""
+    import inspect
+
+    if model is None:
+        return None
+    for name, module in model.named_modules():
+        forward = type(module).forward
+        try:
+            source = inspect.getsourcefile(forward)
+            lines, start = inspect.getsourcelines(forward)
+        except (OSError, TypeError):
+            continue
+        if source and Path(source).resolve() == Path(file).resolve() and start <= line < start + len(lines):
+            return f"{name} ({type(module).__name__})" if name else None
+    return None
+
+
+def describe_export_failure(
+    exc: BaseException, opset: int, model: nn.Module | None = None, dynamo: bool = True
+) -> str:
+    """Reduce an exporter exception to "what failed: why; what to do" on one line.
+
+    With ``model``, the submodule whose ``forward`` holds the failing source line is named. A model
+    torch.export cannot trace (``dynamo``) is pointed to the TorchScript exporter (``export.dynamo: false``).
+    """
     chain = _exception_chain(exc)
     everything = "\n".join(str(e) for e in chain)
     innermost = chain[-1]
@@ -139,18 +178,23 @@ def describe_export_failure(exc: BaseException, opset: int) -> str:
             reason = f"no ONNX translation for {op}"
         return (
             f"op {op} cannot be converted at opset {opset} ({reason}); replace it in forward, "
-            f"or try another export.opset (18-23)"
+            f"or try another export.opset (18-23){', ' + TORCHSCRIPT_HINT if dynamo else ''}"
         )
     where = ""
     if frames:
         file, line, func, code = frames[-1]
+        module = _submodule_at(model, file, int(line))
         where = f" at {Path(file).name}:{line} in {func} `{code.strip()}`"
+        where += f" of submodule {module}" if module else ""
+    hint = f"; {TORCHSCRIPT_HINT}" if dynamo and _traced_by_torch_export(chain, everything) else ""
     if "data-dependent" in everything:
         return (
-            f"torch.export cannot trace Python control flow that depends on tensor values{where}; "
-            f"rewrite it with torch.where / torch.cond"
+            f"torch.export cannot trace Python control flow that depends on tensor values (bool() of a "
+            f"tensor){where}; "
+            f"rewrite it with torch.where / torch.cond{hint.replace('; or', ', or')}"
         )
-    return f"{type(innermost).__name__}{where}: {_first_line(str(innermost))}"
+    op = f" (op {op_match.group(1).removesuffix('.default')})" if op_match else ""
+    return f"{type(innermost).__name__}{where}{op}: {_first_line(str(innermost))}{hint}"
 
 
 @contextlib.contextmanager
@@ -214,12 +258,18 @@ def _value_info(values: Any) -> list[dict[str, Any]]:
 
 
 def export_onnx(
-    model: nn.Module, input_shape: tuple[int, ...], path: str | os.PathLike[str], opset: int = 18
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    path: str | os.PathLike[str],
+    opset: int = 18,
+    dynamo: bool = True,
 ) -> dict:
     """Export ``model`` (input ``(B, *input_shape)`` float32 → logits) to a single ONNX file at ``path``.
 
-    The batch axis is dynamic. The file is written atomically and passes ``onnx.checker``. A model
-    with NaN/inf weights (diverged in training) is refused before anything is written.
+    ``dynamo`` selects torch.export-based export (the default); ``dynamo=False`` the TorchScript
+    tracer, which follows the branch the example input takes through data-dependent control flow.
+    The batch axis is dynamic either way. The file is written atomically and passes ``onnx.checker``.
+    A model with NaN/inf weights (diverged in training) is refused before anything is written.
     Returns ``{opset, inputs, outputs, size_bytes, exporter, model_class}``.
     """
     import torch
@@ -234,22 +284,26 @@ def export_onnx(
     example = torch.randn((EXPORT_BATCH, *input_shape), generator=torch.Generator().manual_seed(0))
     with cpu_eval(model) as module, captured_output() as captured, atomic_path(target) as tmp:
         try:
-            program = torch.onnx.export(
-                module,
-                (example,),
-                None,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                verbose=False,
-            )
-            program.save(tmp, external_data=False)
+            if dynamo:
+                program = torch.onnx.export(
+                    module,
+                    (example,),
+                    None,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    opset_version=opset,
+                    dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    verbose=False,
+                )
+                program.save(tmp, external_data=False)
+            else:
+                _export_torchscript(module, example, tmp, opset)
             onnx.checker.check_model(str(tmp))
         except Exception as exc:
             log = write_failure_log(target, "export", captured, exc)
-            reason = describe_export_failure(exc, opset)
-            raise ExportError(f"cannot export {name} to ONNX: {reason} (full log: {log})") from exc
+            reason = describe_export_failure(exc, opset, module, dynamo)
+            exporter = "" if dynamo else " with the TorchScript exporter (export.dynamo: false)"
+            raise ExportError(f"cannot export {name} to ONNX{exporter}: {reason} (full log: {log})") from exc
         proto = onnx.load(str(tmp), load_external_data=False)
         produced = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
         if produced != opset:
@@ -270,9 +324,34 @@ def export_onnx(
         "inputs": inputs,
         "outputs": outputs,
         "size_bytes": target.stat().st_size,
-        "exporter": f"torch.onnx.export (dynamo) torch {torch.__version__}",
+        "exporter": f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'}) torch {torch.__version__}",
         "model_class": name,
     }
+
+
+def _export_torchscript(module: nn.Module, example: Any, tmp: Path, opset: int) -> None:
+    """The TorchScript tracer's export of ``module`` to ``tmp`` (batch axis dynamic, one file)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        # its deprecation notice and "batch size other than 1 with GRU/LSTM" warning: the parity check
+        # runs batch 1 and the full batch, so a batch-specialised export fails there, with numbers
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*batch_size other than 1.*")
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # "might not generalize": parity checks it
+        torch.onnx.export(
+            module,
+            (example,),
+            str(tmp),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            verbose=False,
+        )
 
 
 def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -39,6 +39,13 @@ def group_key(value: float) -> str:
     return str(int(number)) if number.is_integer() else repr(number)
 
 
+def _group_name(code: float, labels: list[str] | None) -> str:
+    """The report key of group ``code``: its name in ``labels`` when given (and in range), else its value."""
+    if labels is not None and float(code).is_integer() and 0 <= int(code) < len(labels):
+        return str(labels[int(code)])
+    return group_key(code)
+
+
 def evaluate_classifier(
     runner: Runner,
     x: np.ndarray,
@@ -46,10 +53,11 @@ def evaluate_classifier(
     batch_size: int,
     groups: np.ndarray | None = None,
     reference: np.ndarray | None = None,
+    group_labels: list[str] | None = None,
 ) -> dict:
     """Top-1 accuracy of ``runner`` on ``(x, y)``: :func:`evaluate_logits` of its logits (:func:`predict`)."""
     _check_sizes(len(x), len(y))
-    return evaluate_logits(predict(runner, x, batch_size), y, groups, reference)
+    return evaluate_logits(predict(runner, x, batch_size), y, groups, reference, group_labels)
 
 
 def _check_sizes(samples: int, labels: int) -> None:
@@ -64,12 +72,15 @@ def evaluate_logits(
     y: np.ndarray,
     groups: np.ndarray | None = None,
     reference: np.ndarray | None = None,
+    group_labels: list[str] | None = None,
 ) -> dict:
     """Top-1 accuracy of ``logits`` ``(N, C)`` against labels ``y``.
 
     Returns ``{accuracy, n, per_group, per_group_n, confusion, agreement}``: ``per_group`` maps each
     value of ``groups`` (one per sample, e.g. the SNR in dB; numerically sorted, keys like ``"-20"``)
-    to the accuracy on its samples (None when ``groups`` is None); ``confusion[true][predicted]``
+    to the accuracy on its samples (None when ``groups`` is None); with ``group_labels`` the groups
+    are codes 0..G-1 and the keys are their names (``group_labels[code]``, e.g. a string group of an
+    npz dataset); ``confusion[true][predicted]``
     counts samples, over ``max(classes in the logits, largest label + 1)`` classes. With ``reference``
     (another model's predicted classes on the same samples) ``agreement`` is the share of equal
     predictions: how faithfully a compiled artifact reproduces the model it was built from.
@@ -96,6 +107,7 @@ def evaluate_logits(
         if len(group_values) != len(labels):
             raise DataError(f"evaluation set has {len(labels)} samples but {len(group_values)} group values")
         uniques = np.unique(group_values)  # sorted numerically
-        result["per_group"] = {group_key(g): float(correct[group_values == g].mean()) for g in uniques}
-        result["per_group_n"] = {group_key(g): int(np.sum(group_values == g)) for g in uniques}
+        members = {_group_name(g, group_labels): group_values == g for g in uniques}
+        result["per_group"] = {key: float(correct[mask].mean()) for key, mask in members.items()}
+        result["per_group_n"] = {key: int(np.sum(mask)) for key, mask in members.items()}
     return result

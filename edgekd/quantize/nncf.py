@@ -4,6 +4,8 @@ Calibration samples are fed one per item, so NNCF's ``subset_size`` counts sampl
 number used. With a budget, ``nncf.quantize_with_accuracy_control`` reverts the operations that
 cost most accuracy to float until the absolute top-1 drop on the budget's frames is within
 ``max_drop``; edgekd measures the drop of the result itself and records NNCF's own report lines.
+NNCF puts no FakeQuantize in front of ops it cannot quantise (e.g. GRUSequence/LSTMSequence, Einsum
+with a constant operand): :func:`kept_in_float` lists them by op type from the quantised model.
 nncf and openvino are imported inside the functions.
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 from edgekd.errors import QuantizeError, first_line
 from edgekd.quantize.budget import AccuracyBudget
 from edgekd.quantize.calibration import CalibrationSet
+from edgekd.quantize.ort import float_op_types
 
 if TYPE_CHECKING:
     import openvino as ov
@@ -63,6 +66,35 @@ def ov_accuracy(model: ov.Model | ov.CompiledModel, budget: AccuracyBudget) -> f
 
 def _fake_quantize_count(model: ov.Model) -> int:
     return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+
+
+def kept_in_float(model: ov.Model) -> dict[str, int]:
+    """Op types (with counts) of an NNCF-quantised OpenVINO model's compute ops that run in float.
+
+    An op runs in INT8 when every activation input leaves a FakeQuantize (directly or through data
+    movement and element-wise ops) and no weight of it is a float constant; see
+    :func:`edgekd.quantize.ort.float_op_types` for the rule.
+    """
+
+    def tensor(output: Any) -> str:
+        return f"{output.get_node().get_name()}:{output.get_index()}"
+
+    ops = list(model.get_ordered_ops())
+    float_weights: set[str] = set()
+    nodes = []
+    for op in ops:
+        kind = op.get_type_name()
+        outputs = [tensor(op.output(k)) for k in range(op.get_output_size())]
+        inputs = [tensor(op.input_value(k)) for k in range(op.get_input_size())]
+        if kind == "Constant" and op.get_output_element_type(0).is_real():
+            if op.get_output_partial_shape(0).rank.get_length() >= 2:
+                float_weights.update(outputs)
+        elif kind == "Convert" and inputs and inputs[0] in float_weights:  # an f16 weight's decompression
+            float_weights.update(outputs)
+        real = op.get_output_size() > 0 and op.get_output_element_type(0).is_real()
+        nodes.append((op.get_friendly_name(), kind, inputs, outputs, real))
+    inputs = [tensor(parameter.output(0)) for parameter in model.get_parameters()]
+    return float_op_types(nodes, inputs, frozenset({"FakeQuantize"}), float_weights)
 
 
 def check_finite(model: ov.Model, calib: CalibrationSet) -> None:
@@ -145,6 +177,7 @@ def quantize_openvino(
     except Exception as exc:
         raise QuantizeError(f"NNCF quantisation failed: {type(exc).__name__}: {first_line(exc, '')}") from exc
     record["fake_quantize_nodes"] = _fake_quantize_count(quantized)
+    record["kept_in_float"] = kept_in_float(quantized)
     if budget is not None:
         fp32_accuracy, int8_accuracy = ov_accuracy(model, budget), ov_accuracy(quantized, budget)
         drop = fp32_accuracy - int8_accuracy

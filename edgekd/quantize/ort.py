@@ -17,7 +17,9 @@ Quirks handled here:
   range: entropy ranges are computed here with ORT's own calibrator at ENTROPY_BINS bins and handed
   to ``quantize_static`` as its calibration cache (``calibration_cache_path``);
 - a model with NaN/inf weights or outputs (a diverged training) makes ORT fail deep inside with
-  ``AssertionError: scale issue``: such a model is refused up front with a QuantizeError.
+  ``AssertionError: scale issue``: such a model is refused up front with a QuantizeError;
+- the quantiser silently leaves in float every op it has no QDQ rule for (GRU, LSTM, Einsum,
+  ReduceMean, ...): :func:`kept_in_float` reads them back from the quantised graph, by op type.
 """
 
 from __future__ import annotations
@@ -51,6 +53,116 @@ ENTROPY_QUANTIZED_BINS = 128
 PERCENTILE_BINS = 2048
 PERCENTILE = 99.999
 DIVERGED = "the model diverged in training: lower the learning rate (distill.train.lr) and retrain"
+
+
+# Ops that move or select values without computing new ones: never "kept in float" themselves; a
+# quantised tensor stays quantised through them (ORT and NNCF move Q/DQ and FakeQuantize across them).
+DATA_MOVEMENT = frozenset(
+    {
+        "Broadcast", "Cast", "Concat", "Constant", "ConstantOfShape", "Convert", "DepthToSpace", "Expand",
+        "Flatten", "Gather", "GatherElements", "GatherND", "Identity", "Pad", "Parameter", "Range",
+        "Reshape", "Result", "Shape", "ShapeOf", "Size", "Slice", "SpaceToDepth", "Split", "Squeeze",
+        "StridedSlice", "Tile", "Transpose", "Unsqueeze", "VariadicSplit",
+    }
+)  # fmt: skip
+# Element-wise ops that commute with (or fuse into) the quantised op before them: they run in the
+# INT8 domain of their input and are not listed on their own.
+ELEMENTWISE = frozenset(
+    {
+        "Abs", "Clamp", "Clip", "Elu", "Erf", "Gelu", "HardSigmoid", "HardSwish", "HSigmoid", "HSwish",
+        "LeakyRelu", "MaxPool", "Mish", "Neg", "PRelu", "Relu", "Sigmoid", "Swish", "Tanh",
+    }
+)  # fmt: skip
+# With one activation operand and the others constant (a bias, a scale): part of the op before them.
+_WITH_CONSTANT = frozenset({"Add", "Sub", "Mul", "Div", "Subtract", "Multiply", "Divide"})
+_SHAPE_OPS = frozenset({"Shape", "ShapeOf", "Size"})  # their outputs are sizes, not activations
+
+
+def float_op_types(
+    nodes: Sequence[tuple[str, str, list[str | None], list[str], bool]],
+    graph_inputs: Sequence[str],
+    quantiser_outputs: frozenset[str],
+    float_weights: set[str],
+    quantizable: frozenset[str] | None = None,
+) -> dict[str, int]:
+    """Count by op type the compute nodes of a quantised graph that run in float.
+
+    ``nodes`` in topological order as ``(name, op_type, inputs, outputs, float_output)``;
+    ``quantiser_outputs`` the op types whose output is a quantised tensor (DequantizeLinear,
+    FakeQuantize); ``float_weights`` the tensors that are float weights (rank >= 2 constants not
+    behind a quantiser); ``quantizable`` the op types the quantiser has a rule for (None: any).
+    A tensor is *activation* when it depends on a graph input other than through its shape, and
+    *INT8* when it leaves a quantiser, or an INT8 node, or a data-movement or element-wise op fed an
+    INT8 tensor. A compute node (not data movement, not element-wise, not a quantiser) with an
+    activation input runs in INT8 when all its activation inputs are INT8, none of its inputs is a
+    float weight, and its op type is ``quantizable``; the others are counted.
+    """
+    activation = set(graph_inputs)
+    int8: set[str] = set()
+    counts: dict[str, int] = {}
+    for _name, op, inputs, outputs, float_output in nodes:
+        live = [i for i in inputs if i and i in activation]
+        if not live or op in _SHAPE_OPS:
+            continue
+        activation.update(outputs)
+        if op in quantiser_outputs:
+            int8.update(outputs)
+            continue
+        if op in QDQ_OPS:
+            continue
+        passes = op in DATA_MOVEMENT or op in ELEMENTWISE or (op in _WITH_CONSTANT and len(live) == 1)
+        if passes:
+            if live[0] in int8:
+                int8.update(outputs)
+            continue
+        quantised = (
+            all(i in int8 for i in live)
+            and not any(i in float_weights for i in inputs if i)
+            and (quantizable is None or op in quantizable)
+        )
+        if quantised:
+            int8.update(outputs)
+        elif float_output:
+            counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def kept_in_float(model: onnx.ModelProto, quantizable: frozenset[str] | None = None) -> dict[str, int]:
+    """Op types (with counts) of a QDQ model's compute nodes that stay in float: those ONNX Runtime's
+    quantiser has no rule for (``quantizable``, by default the op types ``quantize_static`` quantises:
+    its QDQ and QLinear registries, which hold no GRU, LSTM, Einsum or ReduceMean) or whose inputs or
+    weights were left unquantised (e.g. excluded nodes)."""
+    from onnx import numpy_helper
+
+    if quantizable is None:
+        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+        quantizable = frozenset(QDQRegistry) | frozenset(QLinearOpsRegistry)
+    graph = model.graph
+    constants = {init.name: tuple(init.dims) for init in graph.initializer if _is_float(init.data_type)}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensor = node.attribute[0].t
+            if _is_float(tensor.data_type):
+                constants[node.output[0]] = tuple(numpy_helper.to_array(tensor).shape)
+    float_weights = {name for name, dims in constants.items() if len(dims) >= 2}
+    types = {value.name: value.type.tensor_type.elem_type for value in [*graph.value_info, *graph.output]}
+    nodes = [
+        (node.name, node.op_type, list(node.input), list(node.output), _is_float(types.get(node.output[0])))
+        for node in graph.node
+    ]
+    inputs = [value.name for value in graph.input if value.name not in constants]
+    return float_op_types(nodes, inputs, frozenset({"DequantizeLinear"}), float_weights, quantizable)
+
+
+def _is_float(elem_type: int | None) -> bool:
+    """Whether an ONNX element type is floating point (unknown: assumed float)."""
+    return elem_type is None or elem_type in (
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.DOUBLE,
+    )
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
@@ -331,6 +443,8 @@ def quantize_static_int8(
         "calibration": calibration,
         "nodes_quantized": sum(node.op_type in QDQ_OPS for node in quantized.graph.node),
         "nodes_excluded": list(exclude_nodes),
+        # compute nodes left in float by op type: ops without a QDQ rule (GRU, LSTM, ...) and excluded nodes
+        "kept_in_float": kept_in_float(quantized),
         "size_bytes": target.stat().st_size,
         "preprocess": preprocess,
     }

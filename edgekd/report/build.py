@@ -9,6 +9,7 @@ from importlib import metadata
 from typing import Any
 
 from edgekd.pipeline import RunContext
+from edgekd.report.provenance import data_provenance
 
 _PACKAGES = ("edgekd", "torch", "numpy", "onnx", "onnxruntime", "openvino", "nncf")
 
@@ -55,19 +56,27 @@ def _find(
     return None
 
 
-def headline(rows: list[dict[str, Any]], not_measured: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def headline(
+    rows: list[dict[str, Any]], not_measured: list[dict[str, Any]] | None = None, deploy: bool = False
+) -> dict[str, Any]:
     """Ratios a reader asks first: deployed student vs teacher speed, size and accuracy; INT8 drop.
 
     With no artifact measured here (``not_measured``: e.g. TensorRT engines on a host without a GPU),
-    the ratios are those of the PyTorch student and ``not_measured`` names what is missing.
+    the ratios are those of the PyTorch student and ``not_measured`` names what is missing. ``deploy``
+    (``edgekd deploy``: no teacher) words the INT8 agreement as with the FP32 model.
     """
-    teacher = _find(rows, "torch", "fp32", role="teacher")
+    teacher = next((row for row in rows if row["role"] == "teacher" and row["precision"] == "fp32"), None)
     deployed = [row for row in rows if "artifact" in row]
     best = (
         min(deployed, key=lambda row: row["latency"]["p50_ms"]) if deployed else _find(rows, "torch", "fp32")
     )
     fp32_artifact = next((row for row in deployed if row["precision"] == "fp32"), None)
     int8_artifact = next((row for row in deployed if row["precision"] == "int8"), None)
+    if best is None:  # a deployed ONNX file (no PyTorch row) whose artifacts were all left to the device
+        return {
+            "deployed": "none measured here",
+            "not_measured": ", ".join(i["name"] for i in not_measured or []),
+        }
     out: dict[str, Any] = {"deployed": best["name"]}
     if not_measured:
         if not deployed:
@@ -86,8 +95,20 @@ def headline(rows: list[dict[str, Any]], not_measured: list[dict[str, Any]] | No
         out["int8_speedup_vs_fp32"] = round(
             fp32_artifact["latency"]["p50_ms"] / int8_artifact["latency"]["p50_ms"], 2
         )
-        out["int8_agreement_with_pytorch"] = int8_artifact["accuracy"]["agreement"]
+        key = "int8_agreement_with_fp32" if deploy else "int8_agreement_with_pytorch"
+        out[key] = int8_artifact["accuracy"]["agreement"]
     return out
+
+
+def labels_note(ctx: RunContext) -> str | None:
+    """One line when accuracy is not against labels: deploy on unlabelled data uses the FP32 model's own."""
+    model = ctx.results.get("model")
+    if model is None or "labels_file" not in model.outputs:
+        return None
+    return (
+        "The data has no labels: the FP32 model's own predictions stand in as labels, so every accuracy "
+        "here is agreement with the FP32 model."
+    )
 
 
 def build_report(ctx: RunContext) -> dict[str, Any]:
@@ -99,6 +120,9 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         *remote.get("not_measured", []),
     ]
     compiled = ctx.results["compile"].outputs
+    deploy = "model" in ctx.results  # edgekd deploy: the model stage's model is the student; no teacher
+    student = ctx.results["model" if deploy else "distill"].outputs
+    profile = ctx.results["profile"].outputs
     stage_times = {
         name: {"wall_s": round(r.wall_s, 2), "cached": r.cached} for name, r in ctx.results.items()
     }
@@ -106,12 +130,20 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         "edgekd_report": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "run": ctx.recipe.name,
+        "mode": ctx.recipe.mode,
         "recipe": ctx.recipe.model_dump(mode="json"),
         "environment": environment(),
         "target": ctx.target.to_dict(),
-        "data": {**meta.to_dict(), "train_frames": len(train_set), "eval_frames": len(val_set)},
-        "teacher": ctx.results["teacher"].outputs,
-        "student": ctx.results["distill"].outputs,
+        "data": {
+            **meta.to_dict(),
+            "train_frames": len(train_set),
+            "eval_frames": len(val_set),
+            "provenance": data_provenance(ctx),
+        },
+        "teacher": ctx.results["teacher"].outputs if "teacher" in ctx.results else None,
+        "student": student,
+        "labels_note": labels_note(ctx),
+        "agreement_reference": profile.get("agreement_reference", "the FP32 PyTorch model"),
         "export": ctx.results["export"].outputs,
         "quantization": ctx.results["quantize"].outputs,
         "artifacts": ctx.output("compile", "artifacts"),
@@ -128,6 +160,6 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         "device": remote.get("device"),
         "device_engine_build": remote.get("engine_build"),
         "bundle": ctx.output("bundle", "bundle_dir"),
-        "headline": headline([row for row in rows if "measured_on" not in row], not_measured),
+        "headline": headline([row for row in rows if "measured_on" not in row], not_measured, deploy=deploy),
         "stages": stage_times,
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgekd.report.provenance import provenance_lines
+
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -59,7 +61,7 @@ SUMMARY_HEADER = [
     "FLOPs",
     "size",
     "accuracy",
-    "agrees w/ PyTorch",
+    "agrees w/ FP32",
     "p50 ms",
     "p90 ms",
     "p99 ms",
@@ -68,15 +70,25 @@ SUMMARY_HEADER = [
 
 
 def _per_snr(report: dict[str, Any]) -> list[str]:
+    """Accuracy per group of samples: per SNR for the radio data, per ``groups`` value for npz data.
+
+    Rows measured on a device (from the bundle's eval.npz) key string groups by their codes; those
+    are mapped to the names in ``data.group_labels``.
+    """
     rows = [row for row in report["rows"] if (row["accuracy"] or {}).get("per_group")]
     if not rows:
         return []
-    snrs = list(rows[0]["accuracy"]["per_group"])
-    body = [
-        [row["name"], *(f"{row['accuracy']['per_group'].get(s, float('nan')):.2f}" for s in snrs)]
-        for row in rows
-    ]
-    return ["", "## Accuracy per SNR (dB)", "", *_table(["model", *snrs], body)]
+    data = report.get("data") or {}
+    codes = {name: str(code) for code, name in enumerate(data.get("group_labels") or [])}
+    groups = list(rows[0]["accuracy"]["per_group"])
+
+    def cell(per_group: dict[str, float], group: str) -> str:
+        value = per_group.get(group, per_group.get(codes.get(group, group), float("nan")))
+        return f"{value:.2f}"
+
+    body = [[row["name"], *(cell(row["accuracy"]["per_group"], g) for g in groups)] for row in rows]
+    heading = f"## Accuracy per {data.get('group_name', 'SNR (dB)')}"
+    return ["", heading, "", *_table(["model", *groups], body)]
 
 
 LAYER_HEADER = ["layer (runtime node)", "op", "median ms", "mean ms", "share"]
@@ -123,9 +135,8 @@ def slowest_layers(rows: list[dict[str, Any]], heading: str = "##") -> list[str]
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    data, student, teacher = report["data"], report["student"], report["teacher"]
-    head, parity = report["headline"], report["export"]["parity"]
-    proto = report["rows"][0]["latency"]
+    data, teacher = report["data"], report["teacher"]
+    head = report["headline"]
     lines = [
         f"# edgekd report — {report['run']}",
         "",
@@ -140,44 +151,37 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Deployed: **{head['deployed']}**. "
         + ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in head.items() if key != "deployed")
         + ".",
+        *(["", report["labels_note"]] if report.get("labels_note") else []),
         *_not_measured(report),
         *_load_warning(report),
         *_per_snr(report),
         *slowest_layers(report["rows"]),
         "",
-        "## Training",
+        "## Model" if teacher is None else "## Training",
         "",
         f"- Data: {data['source']} — {data['train_frames']} train / {data['eval_frames']} held-out frames, "
         f"{len(data['classes'])} classes, input {tuple(data['input_shape'])}, "
         f"normalisation: {data['normalisation'].get('description', data['normalisation'].get('type'))}; "
         f"fingerprint `{data['fingerprint'][:16]}`.",
-        f"- Teacher {teacher['model']} ({teacher['origin']}): "
-        f"held-out accuracy {teacher['val_accuracy']:.4f}.",
-        f"- Student {student['model']} distilled with `{student['method']}`: last epoch "
-        f"{student['val_accuracy_last']:.4f}, best epoch {student['best_epoch']} "
-        f"{student['val_accuracy_best']:.4f} (the last epoch's weights are deployed); "
-        f"seed {report['recipe']['seed']}.",
-        _augmentation(student.get("augment")),
+        *provenance_lines(data),
+        *(_deployed_model(report) if teacher is None else _training(report)),
         "",
         "## Export and quantisation",
         "",
-        f"- ONNX opset {report['export']['export']['opset']}; ONNX Runtime vs PyTorch on {parity['samples']} "
-        f"held-out frames: max |diff| {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.0e}), "
-        f"top-1 agreement {parity['top1_agreement']:.4f}.",
+        _export(report["export"]),
         *_quantization(report["quantization"]),
         *_nncf(report["artifacts"]),
         "",
         "## Measurement protocol",
         "",
-        f"- Latency: {proto['warmup']} warm-up + {proto['iterations']} timed calls, batch {proto['batch']}, "
-        f"{proto['threads']} threads, clock {proto['clock']}, percentiles {proto['percentile_method']}; "
-        "the table is model-only; end-to-end (with the input normalisation) p50 is in report.json.",
+        *_protocol(report["rows"]),
         *_runtime_settings(report["rows"]),
         *_machine_load(report),
         *_device(report),
-        "- Agreement: share of held-out frames where an artifact predicts the same class as the PyTorch "
-        "student it was compiled from (an INT8 collapse shows here before it shows in accuracy).",
-        f"- Accuracy: the held-out split ({report['rows'][0]['accuracy']['n']} frames), same for every row.",
+        "- Agreement: share of held-out frames where an artifact predicts the same class as "
+        f"{report.get('agreement_reference', 'the FP32 PyTorch model')} it was compiled from (an INT8 "
+        "collapse shows here before it shows in accuracy).",
+        f"- Accuracy: the held-out split ({_frames(report)} frames), same for every row.",
         "",
         "## Stage times",
         "",
@@ -188,6 +192,66 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _training(report: dict[str, Any]) -> list[str]:
+    """The teacher and the distilled student (edgekd compress)."""
+    teacher, student = report["teacher"], report["student"]
+    accuracy = teacher.get("val_accuracy")
+    return [
+        f"- Teacher {teacher['model']} ({teacher['origin']}): "
+        + ("held-out accuracy not measured." if accuracy is None else f"held-out accuracy {accuracy:.4f}."),
+        f"- Student {student['model']} distilled with `{student['method']}`: last epoch "
+        f"{student['val_accuracy_last']:.4f}, best epoch {student['best_epoch']} "
+        f"{student['val_accuracy_best']:.4f} (the last epoch's weights are deployed); "
+        f"seed {report['recipe']['seed']}.",
+        _augmentation(student.get("augment")),
+    ]
+
+
+def _deployed_model(report: dict[str, Any]) -> list[str]:
+    """The model deployed as it is (edgekd deploy): where it came from, its accuracy as given."""
+    model = report["student"]
+    kind = "ONNX file" if model.get("format") == "onnx" else "PyTorch model"
+    accuracy = model.get("val_accuracy")
+    measured = (
+        "held-out accuracy not measured (no labels)"
+        if accuracy is None
+        else f"held-out accuracy as given {accuracy:.4f}"
+    )
+    return [
+        f"- Deployed {kind} {model['model']} (weights: {model['origin']}), trained elsewhere, no "
+        f"distillation: {human_count(model.get('params'))} parameters, {measured}.",
+    ]
+
+
+def _export(export: dict[str, Any]) -> str:
+    """The ONNX the artifacts were built from, and its parity with PyTorch when edgekd exported it."""
+    info, parity = export["export"], export["parity"]
+    if parity is None:
+        fixed = "; its fixed batch axis was made dynamic" if info.get("dynamic_batch_added") else ""
+        return f"- ONNX: the user's file ({info['exporter']}), opset {info['opset']}, not re-exported{fixed}."
+    return (
+        f"- ONNX opset {info['opset']}; ONNX Runtime vs PyTorch on {parity['samples']} "
+        f"held-out frames: max |diff| {parity['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.0e}), "
+        f"top-1 agreement {parity['top1_agreement']:.4f}."
+    )
+
+
+def _frames(report: dict[str, Any]) -> int:
+    rows = report["rows"]
+    return rows[0]["accuracy"]["n"] if rows else report["data"]["eval_frames"]
+
+
+def _protocol(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return ["- Latency: nothing was measured here (see Not measured)."]
+    proto = rows[0]["latency"]
+    return [
+        f"- Latency: {proto['warmup']} warm-up + {proto['iterations']} timed calls, batch {proto['batch']}, "
+        f"{proto['threads']} threads, clock {proto['clock']}, percentiles {proto['percentile_method']}; "
+        "the table is model-only; end-to-end (with the input normalisation) p50 is in report.json."
+    ]
 
 
 def _load_warning(report: dict[str, Any]) -> list[str]:
@@ -257,8 +321,17 @@ def _quantization(quant: dict[str, Any]) -> list[str]:
         f"activations {q['activation_type']}, {q['method']} calibration on {calib['samples_used']} of "
         f"{calib['samples_requested']} requested train frames (data `{calib['dataset_fingerprint'][:16]}`, "
         f"preprocessing: {calib['preprocessing']}).",
+        *_kept_in_float(q.get("kept_in_float"), "INT8 QDQ model"),
         *_accuracy_control(q.get("accuracy_control")),
     ]
+
+
+def _kept_in_float(counts: dict[str, int] | None, what: str) -> list[str]:
+    """The "Kept in float" line of one INT8 model: compute ops its quantiser left in float, by op type."""
+    if counts is None:
+        return []
+    listed = ", ".join(f"{op} ×{count}" for op, count in counts.items()) or "none (every compute op is INT8)"
+    return [f"  - Kept in float ({what}): {listed}."]
 
 
 def _accuracy_control(control: dict[str, Any] | None) -> list[str]:
@@ -295,6 +368,7 @@ def _nncf(artifacts: list[dict[str, Any]]) -> list[str]:
             f"(data `{q['calibration']['dataset_fingerprint'][:16]}`), "
             f"{q['fake_quantize_nodes']} FakeQuantize nodes, ignored scope {q['ignored_scope'] or 'none'}."
         )
+        lines += _kept_in_float(q.get("kept_in_float"), f"{record['backend']} {record['precision']}")
         lines += _accuracy_control(q.get("accuracy_control"))
     return lines
 

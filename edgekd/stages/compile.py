@@ -1,8 +1,9 @@
 """Stage 5: compile an artifact per precision of the target with its backend.
 
 Backends that quantise INT8 themselves (``Backend.quantizes_itself``, e.g. OpenVINO with NNCF)
-compile INT8 from the float export with the calibration set (and the accuracy budget, if any);
-the others compile the quantize stage's QDQ model. Backends that build on the device (TensorRT) go
+compile INT8 from the float export with the calibration set (and the accuracy budget, if any),
+recording in the artifact's ``quantization.kept_in_float`` the op types left in float; the others
+compile the quantize stage's QDQ model. Backends that build on the device (TensorRT) go
 through :mod:`edgekd.stages.device_build`, which also writes the deployable inputs and build script.
 """
 
@@ -17,7 +18,7 @@ from edgekd.errors import ExportError, first_line
 from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.recipe import Recipe
 from edgekd.stages.device_build import device_build
-from edgekd.stages.quantize import accuracy_budget, calibration_set
+from edgekd.stages.quantize import accuracy_budget, calibration_set, log_kept_in_float
 from edgekd.targets import Target, resolve_target
 
 
@@ -106,6 +107,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             artifact = backend.compile(
                 onnx_path, stage_dir, precision, calib=calibration_set(ctx), budget=accuracy_budget(ctx)
             )
+            log_kept_in_float(ctx, artifact.metadata["quantization"].get("kept_in_float"))
             control = artifact.metadata["quantization"].get("accuracy_control")
             if control is not None:
                 ctx.log(

@@ -1,4 +1,8 @@
-"""Stage 2: distil the student from the teacher with the recipe's method."""
+"""Stage 2: distil the student from the teacher with the recipe's method.
+
+The teacher is the teacher stage's file: an edgekd checkpoint, or ``teacher.onnx`` for an
+``onnx:`` teacher (run by ONNX Runtime; its outputs go through the teacher cache like any other's).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from edgekd.distill.outputs import probe_shape
 from edgekd.distill.teacher_cache import cache_key, cached_teacher_outputs
 from edgekd.distill.trainer import train
 from edgekd.hashing import sha256_file
-from edgekd.models import build_model
+from edgekd.models import build_model, model_source_files
 from edgekd.models.checkpoint import load_weights, save_checkpoint
+from edgekd.models.sources import is_onnx, refuse_feature_maps
 from edgekd.models.stats import count_flops, count_parameters
 from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
 from edgekd.recipe import Recipe
@@ -25,8 +30,12 @@ MODEL_FILE = "student.pt"
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
-    student_init = [ctx.recipe.student.checkpoint] if ctx.recipe.student.checkpoint else []
-    return [ctx.path("teacher", "model_file"), *student_init]
+    recipe = ctx.recipe
+    student_init = [recipe.student.checkpoint] if recipe.student.checkpoint else []
+    sources = [*model_source_files(recipe.student.model)]
+    if not is_onnx(recipe.teacher.model):  # an ONNX teacher is the teacher stage's copy
+        sources += model_source_files(recipe.teacher.model)
+    return [ctx.path("teacher", "model_file"), *student_init, *sources]
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
@@ -36,8 +45,22 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     classes, channels = len(meta.classes), meta.input_shape[0]
     teacher_name = ctx.output("teacher", "model")
     teacher_file = ctx.path("teacher", "model_file")
-    teacher = build_model(teacher_name, num_classes=classes, in_channels=channels)
-    load_weights(teacher, teacher_file, teacher_name)
+    if is_onnx(teacher_name):
+        refuse_feature_maps(spec.method, teacher_name)
+        teacher = build_model(
+            f"onnx:{teacher_file}", classes, channels, role="teacher", input_shape=meta.input_shape
+        )
+    else:
+        teacher = build_model(
+            teacher_name,
+            num_classes=classes,
+            in_channels=channels,
+            role="teacher",
+            input_shape=meta.input_shape,
+            kwargs=recipe.teacher.kwargs,
+            hint_layers=recipe.teacher.hint_layers,
+        )
+        load_weights(teacher, teacher_file, teacher_name)
     teacher.requires_grad_(False)
     torch.manual_seed(recipe.seed)  # the student's and the method's initial weights follow the seed
     student = build_model(
@@ -47,6 +70,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         pretrained=recipe.student.pretrained and recipe.student.checkpoint is None,
         role="student",
         input_shape=meta.input_shape,
+        kwargs=recipe.student.kwargs,
+        hint_layers=recipe.student.hint_layers,
     )
     if recipe.student.checkpoint is not None:
         load_weights(student, recipe.student.checkpoint, recipe.student.model)
@@ -116,6 +141,9 @@ def _config(recipe: Recipe) -> dict[str, Any]:
     """The stage's recipe slice, with only the chosen method's options (defaults filled in)."""
     config = recipe_fields("seed", "data", "student", "distill")(recipe)
     config["distill"]["options"] = resolved_options(recipe.distill)
+    teacher = recipe.teacher
+    if teacher.kwargs or teacher.hint_layers is not None:  # they shape the teacher this stage builds
+        config["teacher"] = {"kwargs": teacher.kwargs, "hint_layers": teacher.hint_layers}
     return config
 
 

@@ -1,4 +1,8 @@
-"""Stage 3: export the student to ONNX and check ONNX Runtime against PyTorch on held-out frames."""
+"""Stage 3: export the student to ONNX and check ONNX Runtime against PyTorch on held-out frames.
+
+The student is the distill stage's, or in ``edgekd deploy`` the model stage's; a model deployed as an
+ONNX file is passed on as it is (the model stage checked and copied it): no re-export, no parity.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,45 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.export.onnx import check_finite_weights, check_parity, export_onnx
-from edgekd.models import build_model
-from edgekd.models.checkpoint import load_weights
 from edgekd.pipeline import RunContext, Stage, recipe_fields
+from edgekd.stages.model_import import load_student, student_stage
 
 ONNX_FILE = "student.onnx"
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
-    return [ctx.path("distill", "model_file")]
+    return [ctx.path(student_stage(ctx), "model_file")]
+
+
+def _passthrough(ctx: RunContext) -> dict[str, Any]:
+    """The user's ONNX file (the model stage's copy), recorded as the export."""
+    outputs = ctx.results["model"].outputs
+    info = outputs["onnx"]
+    return {
+        "onnx_file": outputs["onnx_file"],
+        "export": {
+            "opset": info["opset"],
+            "inputs": info["inputs"],
+            "outputs": info["outputs"],
+            "size_bytes": ctx.path("model", "onnx_file").stat().st_size,
+            "exporter": "user ONNX file",
+            "model_class": None,
+            "dynamic_batch_added": info["dynamic_batch_added"],
+        },
+        "parity": None,
+    }
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    stage = student_stage(ctx)
+    if ctx.results[stage].outputs.get("format") == "onnx":
+        ctx.log("  user ONNX file: passed through (no re-export)")
+        return _passthrough(ctx)
     _, val_set, meta = ctx.dataset
     spec = ctx.recipe.export
-    name = ctx.output("distill", "model")
-    student = build_model(name, num_classes=len(meta.classes), in_channels=meta.input_shape[0])
-    load_weights(student, ctx.path("distill", "model_file"), name)
-    check_finite_weights(student, ctx.path("distill", "model_file"))  # a diverged training: say so here
-    student.eval()
-    info = export_onnx(student, meta.input_shape, stage_dir / ONNX_FILE, opset=spec.opset)
+    student = load_student(ctx)
+    check_finite_weights(student, ctx.path(stage, "model_file"))  # a diverged training: say so here
+    info = export_onnx(student, meta.input_shape, stage_dir / ONNX_FILE, opset=spec.opset, dynamo=spec.dynamo)
     parity = check_parity(student, stage_dir / ONNX_FILE, val_set.x[: spec.parity_samples], spec.tolerance)
     return {
         "onnx_file": str((stage_dir / ONNX_FILE).relative_to(ctx.run_dir)),

@@ -1,9 +1,11 @@
 """Stage 6: latency and accuracy of every model and artifact, on the same held-out frames.
 
 Rows: the teacher and the student in PyTorch (the reference), then each compiled artifact of the
-target (e.g. student FP32 ONNX and INT8 ONNX on ONNX Runtime). Accuracy is that of the artifact
-itself, overall and per SNR, and for each artifact the share of held-out frames on which it predicts
-the same class as the PyTorch student it was built from; latency follows the recorded protocol
+target (e.g. student FP32 ONNX and INT8 ONNX on ONNX Runtime). A teacher given as ONNX is measured
+through ONNX Runtime; ``edgekd deploy`` has no teacher row, and a model deployed as an ONNX file has
+no PyTorch row: its artifacts' agreement is with that file run by ONNX Runtime in FP32. Accuracy is
+that of the artifact itself, overall and per SNR, and for each artifact the share of held-out frames on
+which it predicts the same class as the FP32 model it was built from; latency follows the recorded protocol
 (warm-up, iterations, batch, threads), model-only and end-to-end with the input normalisation; GPU
 runners (TensorRT) are also timed on the device with CUDA events. Artifacts the compile stage could
 not build here (TensorRT without a GPU) are listed under ``not_measured`` with the reason.
@@ -33,12 +35,14 @@ from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.profile.accuracy import evaluate_logits, predict
 from edgekd.profile.cuda_latency import measure_cuda_latency, supports_cuda_events
 from edgekd.profile.latency import current_rss_mb, measure_latency, peak_rss_mb
+from edgekd.stages.model_import import load_student, student_stage
 from edgekd.threads import CpuSample, LoadWindow, load_summary, wait_policy
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
     artifacts = [ctx.run_dir / name for name in ctx.output("compile", "artifact_files")]  # with IR .bin files
-    return [ctx.path("teacher", "model_file"), ctx.path("distill", "model_file"), *artifacts]
+    teacher = [ctx.path("teacher", "model_file")] if "teacher" in ctx.results else []
+    return [*teacher, ctx.path(student_stage(ctx), "model_file"), *artifacts]
 
 
 EVAL_BATCH = 256
@@ -59,7 +63,9 @@ def _measure(
     spec = ctx.recipe.profile
     evaluation_set = _evaluation_set(ctx)
     logits = predict(runner, evaluation_set.x, batch_size=EVAL_BATCH)
-    evaluation = evaluate_logits(logits, evaluation_set.y, groups=evaluation_set.snr, reference=reference)
+    evaluation = evaluate_logits(
+        logits, evaluation_set.y, evaluation_set.snr, reference, group_labels=ctx.dataset[2].group_labels
+    )
     raw, preprocess = raw_and_preprocess(
         ctx.dataset[2], np.ascontiguousarray(evaluation_set.x[: spec.batch_size])
     )
@@ -93,12 +99,52 @@ def _layer_times(
     )
 
 
+def _teacher_model(ctx: RunContext) -> Any:
+    _, _, meta = ctx.dataset
+    spec, name = ctx.recipe.teacher, ctx.output("teacher", "model")
+    model = build_model(
+        name,
+        num_classes=len(meta.classes),
+        in_channels=meta.input_shape[0],
+        role="teacher",
+        input_shape=tuple(meta.input_shape),
+        kwargs=spec.kwargs,
+        hint_layers=spec.hint_layers,
+    )
+    load_weights(model, ctx.path("teacher", "model_file"), name)
+    return model
+
+
+def _onnx_teacher_row(ctx: RunContext, threads: int) -> tuple[dict[str, Any], np.ndarray]:
+    """An ONNX teacher (``onnx:FILE``): its copy measured through ONNX Runtime, FP32."""
+    path = ctx.path("teacher", "model_file")
+    backend = get_backend("onnxruntime")
+    runner = backend.load(Artifact(path, "onnxruntime", "fp32", {}), threads=threads)
+    row = {
+        "name": "teacher (onnxruntime FP32, user ONNX)",
+        "role": "teacher",
+        "model": ctx.output("teacher", "model"),
+        "runtime": "onnxruntime",
+        "precision": "fp32",
+        "size_bytes": path.stat().st_size,
+        "params": ctx.output("teacher", "params"),
+        "flops": ctx.results["teacher"].outputs.get("flops"),
+        "runtime_info": runner.info,
+    }
+    return _measure(ctx, runner, row)
+
+
+def _onnx_reference(ctx: RunContext, threads: int) -> np.ndarray:
+    """Predicted classes of a deployed ONNX model (FP32, ONNX Runtime): what each artifact must agree with."""
+    path = ctx.path("export", "onnx_file")
+    runner = get_backend("onnxruntime").load(Artifact(path, "onnxruntime", "fp32", {}), threads=threads)
+    return predict(runner, _evaluation_set(ctx).x, batch_size=EVAL_BATCH).argmax(axis=1)
+
+
 def _torch_row(ctx: RunContext, stage: str, role: str, threads: int) -> tuple[dict[str, Any], np.ndarray]:
     """The PyTorch model's row, and its predicted classes on the evaluation set."""
-    _, _, meta = ctx.dataset
     name, path = ctx.output(stage, "model"), ctx.path(stage, "model_file")
-    model = build_model(name, num_classes=len(meta.classes), in_channels=meta.input_shape[0])
-    load_weights(model, path, name)
+    model = _teacher_model(ctx) if role == "teacher" else load_student(ctx)
     row = {
         "name": f"{role} (PyTorch FP32)",
         "role": role,
@@ -122,13 +168,25 @@ def _with_load(row: dict[str, Any], window: LoadWindow, samples: dict[str, CpuSa
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     threads = resolve_threads(ctx.recipe.profile.threads)
     stage_window, samples = LoadWindow().start(), {}
-    window = LoadWindow().start()
-    teacher_row, _ = _torch_row(ctx, "teacher", "teacher", threads)
-    _with_load(teacher_row, window, samples)
-    window = LoadWindow().start()
-    student_row, reference = _torch_row(ctx, "distill", "student", threads)
-    _with_load(student_row, window, samples)
-    rows = [teacher_row, student_row]
+    rows: list[dict[str, Any]] = []
+    if "teacher" in ctx.results:  # deploy has no teacher
+        window = LoadWindow().start()
+        if str(ctx.output("teacher", "model_file")).endswith(".onnx"):
+            teacher_row, _ = _onnx_teacher_row(ctx, threads)
+        else:
+            teacher_row, _ = _torch_row(ctx, "teacher", "teacher", threads)
+        _with_load(teacher_row, window, samples)
+        rows.append(teacher_row)
+    stage = student_stage(ctx)
+    if ctx.results[stage].outputs.get("format") == "onnx":
+        # The user's ONNX file is the FP32 model: artifacts agree (or not) with its predictions.
+        reference, reference_name = _onnx_reference(ctx, threads), "the FP32 ONNX model (ONNX Runtime)"
+    else:
+        window = LoadWindow().start()
+        student_row, reference = _torch_row(ctx, stage, "student", threads)
+        _with_load(student_row, window, samples)
+        rows.append(student_row)
+        reference_name = "the FP32 PyTorch model"
     for record in ctx.output("compile", "artifacts"):
         backend = get_backend(record["backend"])
         artifact = Artifact(
@@ -138,12 +196,12 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         row = {
             "name": f"student ({backend.name} {artifact.precision.upper()})",
             "role": "student",
-            "model": ctx.output("distill", "model"),
+            "model": ctx.output(stage, "model"),
             "runtime": backend.name,
             "precision": artifact.precision,
             "size_bytes": artifact.metadata.get("size_bytes", artifact.path.stat().st_size),
-            "params": ctx.output("distill", "params"),
-            "flops": ctx.output("distill", "flops"),
+            "params": ctx.output(stage, "params"),
+            "flops": ctx.output(stage, "flops"),
             "artifact": record["path"],
         }
         rss_before = current_rss_mb()
@@ -169,7 +227,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "threads": threads,
         "omp_wait_policy": wait_policy(),
         "load": load,
-        "eval_frames": rows[0]["accuracy"]["n"],
+        "eval_frames": len(reference),
+        "agreement_reference": reference_name,
     }
 
 

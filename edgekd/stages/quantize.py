@@ -1,8 +1,10 @@
 """Stage 4: INT8 static quantisation (QDQ) calibrated on train frames, with its provenance.
 
 With ``quantize.max_accuracy_drop`` the most sensitive nodes stay in float until the top-1 drop on
-``quantize.accuracy_samples`` train frames (never calibration frames) fits. Targets whose backend
-quantises INT8 itself (OpenVINO: NNCF on the float model, in the compile stage) skip this stage.
+``quantize.accuracy_samples`` train frames (never calibration frames) fits. Ops the quantiser has no
+INT8 form of (GRU, LSTM, Einsum, ...) stay in float too: ``quantization.kept_in_float`` counts them.
+Targets whose backend quantises INT8 itself (OpenVINO: NNCF on the float model, in the compile
+stage) skip this stage.
 """
 
 from __future__ import annotations
@@ -102,7 +104,14 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             )
             ctx.log(f"  {why}")
             return {"skipped": why, "quantization": info}
+    log_kept_in_float(ctx, info.get("kept_in_float"))
     return {"int8_onnx_file": str((stage_dir / INT8_FILE).relative_to(ctx.run_dir)), "quantization": info}
+
+
+def log_kept_in_float(ctx: RunContext, counts: dict[str, int] | None) -> None:
+    """Log the op types an INT8 quantiser left in float (ops its runtime has no INT8 form of)."""
+    if counts:
+        ctx.log(f"  kept in float: {', '.join(f'{op} x{count}' for op, count in counts.items())}")
 
 
 STAGE = Stage("quantize", _run, recipe_fields("seed", "data", "quantize", "target"), _inputs)

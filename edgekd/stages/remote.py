@@ -16,6 +16,7 @@ from edgekd import atomic
 from edgekd.pipeline import RunContext, Stage
 from edgekd.profile.remote import DeviceAddress, SshOptions, profile_remote
 from edgekd.recipe import Recipe
+from edgekd.stages.model_import import student_stage
 from edgekd.targets import resolve_target
 
 RESULT_FILE = "device_profile.json"
@@ -45,16 +46,17 @@ def device_rows(ctx: RunContext, result: dict[str, Any]) -> list[dict[str, Any]]
     """The device's measurements as report rows (same fields as the profile stage's), marked with it."""
     device = result["device"]
     bundle = ctx.output("bundle", "bundle_dir")
+    stage = student_stage(ctx)
     return [
         {
             "name": _name(row, device),
             "role": "student",
-            "model": ctx.output("distill", "model"),
+            "model": ctx.output(stage, "model"),
             "runtime": row["backend"],
             "precision": row["precision"],
             "size_bytes": row["size_bytes"],
-            "params": ctx.output("distill", "params"),
-            "flops": ctx.output("distill", "flops"),
+            "params": ctx.output(stage, "params"),
+            "flops": ctx.output(stage, "flops"),
             "artifact": f"{bundle}/{row['file']}",
             "accuracy": row["accuracy"],
             "latency": row["latency"],

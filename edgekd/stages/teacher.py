@@ -1,4 +1,12 @@
-"""Stage 1: the teacher — loaded from the recipe's checkpoint, or trained here on the labels."""
+"""Stage 1: the teacher — loaded from the recipe's checkpoint, trained here on the labels, or an ONNX file.
+
+A teacher trained here is kept in the teacher store (:mod:`edgekd.distill.teacher_store`), and a later
+run with the same model, training settings, seed and data loads it from there instead of training
+(``--force teacher`` trains afresh and replaces the stored one).
+
+An ``onnx:FILE`` teacher is copied into the stage directory as ``teacher.onnx`` (what later stages
+read) and its validation accuracy is measured through ONNX Runtime.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,11 @@ from typing import Any
 
 import torch
 
+from edgekd import atomic
+from edgekd.distill import teacher_store
 from edgekd.distill.methods import ModelShape, build_method
 from edgekd.distill.trainer import predict_accuracy, train
-from edgekd.models import build_model
+from edgekd.models import build_model, model_source_files
 from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.stats import count_flops, count_parameters
 from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
@@ -17,16 +27,44 @@ from edgekd.recipe import DistillSpec
 from edgekd.threads import apply_training_threads
 
 MODEL_FILE = "teacher.pt"
+ONNX_FILE = "teacher.onnx"
 
 
 def _inputs(ctx: RunContext) -> list[Path]:
-    return [ctx.recipe.teacher.checkpoint] if ctx.recipe.teacher.checkpoint else []
+    spec = ctx.recipe.teacher
+    return [*([spec.checkpoint] if spec.checkpoint else []), *model_source_files(spec.model)]
+
+
+def _onnx_teacher(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    """Copy the ONNX teacher into the stage (what later stages read) and measure it through ORT."""
+    _, val_set, meta = ctx.dataset
+    source = model_source_files(ctx.recipe.teacher.model)[0]
+    copy = stage_dir / ONNX_FILE
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise atomic.disk_error(source, exc, "read") from None
+    atomic.write_bytes(copy, data)
+    model = build_model(
+        f"onnx:{copy}", len(meta.classes), meta.input_shape[0], role="teacher", input_shape=meta.input_shape
+    )
+    return {
+        "model_file": str(copy.relative_to(ctx.run_dir)),
+        "model": ctx.recipe.teacher.model,
+        "origin": f"ONNX file {source}",
+        "params": model.param_count,
+        "flops": None,  # not counted through ONNX Runtime
+        "val_accuracy": round(predict_accuracy(model, val_set), 5),
+        "history": [],
+    }
 
 
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     apply_training_threads(ctx.log)  # intra-op threads for the cores other processes leave free
     train_set, val_set, meta = ctx.dataset
     spec = ctx.recipe.teacher
+    if spec.model.startswith("onnx:"):
+        return _onnx_teacher(ctx, stage_dir)
     torch.manual_seed(ctx.recipe.seed)  # initial weights follow the seed
     model = build_model(
         spec.model,
@@ -35,11 +73,24 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         pretrained=spec.pretrained and spec.checkpoint is None,
         role="teacher",
         input_shape=meta.input_shape,
+        kwargs=spec.kwargs,
+        hint_layers=spec.hint_layers,
     )
     history: list[dict[str, float]] = []
+    key = (
+        None if spec.checkpoint is not None else teacher_store.store_key(ctx.recipe, model, meta.fingerprint)
+    )
+    reuse = spec.store and "teacher" not in ctx.forced  # --force teacher trains afresh
+    stored = teacher_store.find(teacher_store.store_dir(ctx.recipe), key) if key and reuse else None
     if spec.checkpoint is not None:
         load_weights(model, spec.checkpoint, spec.model)
         origin = str(spec.checkpoint)
+    elif stored is not None:
+        load_weights(model, stored["model_file"], spec.model)
+        history, origin = stored["history"], f"teacher store {key} (trained on labels by run {stored['run']})"
+        ctx.log(
+            f"  teacher reused from the store {stored['model_file'].parent} (trained {stored['created']})"
+        )
     else:
         shape = ModelShape(model.feature_dim)
         method = build_method(DistillSpec(method="none"), len(meta.classes), shape, shape)
@@ -60,6 +111,11 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         history = result.history
         origin = "trained here on labels"
     save_checkpoint(stage_dir / MODEL_FILE, model, spec.model, {"data_fingerprint": meta.fingerprint})
+    if key is not None and stored is None and spec.store:
+        record = {"run": ctx.recipe.name, "model": spec.model, "history": history}
+        teacher_store.publish(
+            teacher_store.store_dir(ctx.recipe), key, stage_dir / MODEL_FILE, record, ctx.log
+        )
     return {
         "model_file": str((stage_dir / MODEL_FILE).relative_to(ctx.run_dir)),
         "model": spec.model,

@@ -14,7 +14,9 @@ class SequenceNet(nn.Module):
     """Conv front end (GroupNorm, dilated depthwise + pointwise), a recurrent layer, self-attention,
     an einsum channel mix, mean pooling over time, and a linear classifier."""
 
-    def __init__(self, num_classes: int, in_channels: int = 2, width: int = 16, recurrent: str = "gru") -> None:
+    def __init__(
+        self, num_classes: int, in_channels: int = 2, width: int = 16, recurrent: str = "gru"
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv1d(in_channels, width, kernel_size=5, padding=2),
