@@ -15,7 +15,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 
 def compress(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy re-export of edgekd.objects.compress
-    """Distil, export, quantise, compile, bundle, profile, report; see :func:`edgekd.objects.compress`."""
+    """Distil, export, quantise, compile, profile, bundle, report; see :func:`edgekd.objects.compress`."""
     from edgekd.objects import compress as run
 
     return run(*args, **kwargs)

@@ -336,7 +336,7 @@ def deploy(
     until: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Deploy a model trained elsewhere (no distillation): export, quantise, compile, bundle, profile, report.
+    """Deploy a model trained elsewhere (no distillation): export, quantise, compile, profile, bundle, report.
 
     ``model`` is an ONNX file (``*.onnx`` or ``onnx:FILE``) or any model source (``edgekd:``, ``timm:``,
     ``torchvision:``, ``py:FILE:factory``, ``module:factory``) whose weights are ``checkpoint``. It

@@ -113,7 +113,7 @@ def compress(
     known_hosts: KnownHostsFlag = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and exit")] = False,
 ) -> None:
-    """Run the whole pipeline for one target: distil, export, quantise, compile, bundle, profile, report."""
+    """Run the whole pipeline for one target: distil, export, quantise, compile, profile, bundle, report."""
     if name is None and data is not None and recipe is None:
         name = run_name_for(data)  # another dataset gets its own run directory, not the default recipe's
     flags = {
@@ -170,7 +170,7 @@ def deploy(
     device: DeviceFlag = None,
     known_hosts: KnownHostsFlag = None,
 ) -> None:
-    """Deploy a model trained elsewhere (no distillation): quantise, compile, bundle, profile, report."""
+    """Deploy a model trained elsewhere (no distillation): quantise, compile, profile, bundle, report."""
     from edgekd.api import deploy as run_deploy
 
     flags = {"name": name, "device.host": device, "device.known_hosts": known_hosts}
@@ -185,16 +185,17 @@ def deploy(
         until=until,
         log=log,
     )
-    _print_report(report, until)
+    _print_report(report, until, None)
 
 
-def _print_report(report: dict[str, Any], until: str | None, run_dir: Path) -> None:
+def _print_report(report: dict[str, Any], until: str | None, run_dir: Path | None) -> None:
     """The summary table, headline and report paths of a finished run (or where it stopped)."""
     from edgekd.report.markdown import SUMMARY_HEADER, summary_rows
 
     if "rows" not in report:
-        console.print(f"stopped after stage {until!r}; outputs in {run_dir}")
+        console.print(f"stopped after stage {until!r}" + (f"; outputs in {run_dir}" if run_dir else ""))
         return
+    run_dir = run_dir or Path(report["recipe"]["runs_dir"]) / report["run"]
     table = Table(title=f"edgekd · {report['run']} · target {report['target']['name']}")
     for column in SUMMARY_HEADER:
         table.add_column(column, justify="left" if column == "model" else "right")

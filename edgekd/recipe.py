@@ -218,7 +218,10 @@ class BundleSpec(Section):
     """The deployable bundle written to ``<run>/bundle/<target>/`` (``edgekd bundle``)."""
 
     artifact: Literal["fp32", "fp16", "int8"] | None = Field(
-        None, description="precision whose artifact becomes model_data.c; default int8 if built, else fp32"
+        None,
+        description="pin the precision whose artifact becomes model_data.c; default: the deployment "
+        "decision (the fastest measured within quantize.max_accuracy_drop, 0.01 when unset; unmeasured: "
+        "int8 if built, else fp32)",
     )
     eval_samples: int = Field(
         1000, ge=0, description="held-out frames shipped as eval.npz for on-device accuracy; 0: none"
@@ -250,7 +253,7 @@ class Recipe(Section):
     mode: Literal["compress", "deploy"] = Field(
         "compress",
         description="compress: distil a student from the teacher; deploy: take student.model as it is "
-        "(edgekd deploy) and run export, quantise, compile, bundle, profile and report",
+        "(edgekd deploy) and run export, quantise, compile, profile, bundle and report",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of every random source (0..2**32-1)")
     target: str = Field("cpu", description="target name or alias from targets/")

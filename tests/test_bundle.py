@@ -65,11 +65,13 @@ def test_manifest_describes_artifacts_preprocessing_quantisation(tiny_run: Path,
     assert manifest["labels"] == report["data"]["classes"] and len(manifest["labels"]) == 11
     assert manifest["preprocessing"] == report["data"]["normalisation"]
     assert manifest["training"] == {"method": report["student"]["method"], "augmentation": None}
-    quant = manifest["quantization"]
+    quant = next(entry for entry in manifest["artifacts"] if entry["precision"] == "int8")["quantization"]
     assert quant["scheme"] == "QDQ" and quant["per_channel"] is True
     assert quant["symmetric_activations"] is False and quant["calibration"]["samples_used"] == 32
     assert quant["calibration"]["dataset_fingerprint"] == report["data"]["fingerprint"]
-    assert manifest["firmware"]["artifact"] == "student.int8.onnx" and manifest["firmware"]["alignment"] == 16
+    # the deployment decision (fastest within the budget, measured) names the embedded artifact
+    assert manifest["firmware"]["artifact"] == manifest["deployment"]["file"] == report["deployment"]["file"]
+    assert manifest["firmware"]["alignment"] == 16
     frames = min(40, report["data"]["eval_frames"])
     assert manifest["eval_set"]["frames"] == frames
     with np.load(bundle / "eval.npz") as arrays:
@@ -162,7 +164,7 @@ def test_bundle_command_rebuilds_with_another_artifact(tiny_run: Path):
         write_bundle(tiny_run, precision="fp16")
     with pytest.raises(RecipeError, match="compiled for target x86-ort, not x86-openvino"):
         write_bundle(tiny_run, target="x86-openvino")
-    write_bundle(tiny_run)  # back to the default (int8) for the other tests
+    write_bundle(tiny_run)  # back to the deployment decision for the other tests
 
 
 def test_truncated_c_array_is_caught_and_a_rebuild_replaces_it(tiny_run: Path, tmp_path: Path):
@@ -174,8 +176,9 @@ def test_truncated_c_array_is_caught_and_a_rebuild_replaces_it(tiny_run: Path, t
     assert_user_error(run_cli("verify-bundle", str(directory)), "model_data.c")
     write_bundle(tiny_run)  # rebuilt from the compile stage's artifacts, never from the old bundle
     rows = dict(verify_bundle(directory))
-    artifact = (directory / "student.int8.onnx").read_bytes()
-    assert rows["model_data.c"] == f"{len(artifact)} bytes == student.int8.onnx"
+    chosen = json.loads((directory / MANIFEST_FILE).read_text())["deployment"]["file"]
+    artifact = (directory / chosen).read_bytes()
+    assert rows["model_data.c"] == f"{len(artifact)} bytes == {chosen}, the deployed artifact"
 
 
 def test_truncated_int8_model_reaching_compile_is_one_line(tiny_run: Path, tmp_path: Path):

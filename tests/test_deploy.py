@@ -63,7 +63,7 @@ def test_onnx_deploy_report(onnx_run):
     assert report["export"]["export"]["exporter"] == "user ONNX file" and report["export"]["parity"] is None
     stage_dirs = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name[:2].isdigit())
     assert [name[3:] for name in stage_dirs] == [
-        "model", "export", "quantize", "compile", "bundle", "profile", "remote", "report"
+        "model", "export", "quantize", "compile", "profile", "bundle", "remote", "report"
     ]  # fmt: skip
     rows = {row["precision"]: row for row in report["rows"]}
     assert set(rows) == {"fp32", "int8"} and all(row["role"] == "student" for row in report["rows"])

@@ -45,7 +45,7 @@ def test_other_settings_or_store_off_or_force_train_afresh(tmp_path):
     _teacher(tmp_path, "one")
     other, _ = _teacher(tmp_path, "epochs", "teacher.train.epochs=2")  # another key
     assert other["origin"] == "trained here on labels"
-    off, _ = _teacher(tmp_path, "off", "teacher.store=false")
+    off, _ = _teacher(tmp_path, "store-off", "teacher.store=false")
     assert off["origin"] == "trained here on labels"
     forced, _ = _teacher(tmp_path, "one", force={"teacher"})
     assert forced["origin"] == "trained here on labels"

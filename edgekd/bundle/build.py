@@ -1,7 +1,9 @@
 """Write ``<run>/bundle/<target>/`` from a run's finished stages (host side).
 
-The bundle holds the compile stage's artifact files, ``model_data.h`` / ``model_data.c`` (the chosen
-artifact as a C array), ``eval.npz`` (held-out frames for on-device accuracy, optional),
+The bundle holds the compile stage's artifact files, ``model_data.h`` / ``model_data.c`` (the deployed
+artifact as a C array: the deployment decision of :mod:`edgekd.deployment`, made from the profile
+stage's measurements, which ``manifest.json`` records under ``deployment``), ``eval.npz`` (held-out
+frames for on-device accuracy, optional),
 ``manifest.json`` (interface, preprocessing, labels, quantisation, versions, per-file SHA-256) and
 ``SHA256SUMS`` (every file, the manifest included). It is built in a temporary directory beside the
 final one and renamed into place, so a crash never leaves a half-written bundle.
@@ -10,6 +12,7 @@ final one and renamed into place, so a crash never leaves a half-written bundle.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import tempfile
 from datetime import UTC, datetime
@@ -22,7 +25,8 @@ import numpy as np
 from edgekd import __version__, atomic
 from edgekd.bundle import carray
 from edgekd.bundle.checksums import MANIFEST_FILE, SUMS_FILE, render_sums
-from edgekd.errors import BundleError, RecipeError
+from edgekd.deployment import decide
+from edgekd.errors import BundleError
 from edgekd.hashing import sha256_file
 from edgekd.pipeline import RunContext
 
@@ -122,18 +126,32 @@ def _artifact_quantization(ctx: RunContext, record: dict[str, Any]) -> dict[str,
     return quantization_summary(own or ctx.results["quantize"].outputs.get("quantization"))
 
 
-def _choose(artifacts: list[dict[str, Any]], precision: str | None, target: str) -> dict[str, Any] | None:
-    """The artifact for model_data.c; None when nothing was built here (engines built on the device)."""
-    built = [record["precision"] for record in artifacts]
-    if not artifacts and precision is None:
+def deployment_decision(ctx: RunContext, precision: str | None = None) -> dict[str, Any]:
+    """The run's deployment decision (:func:`edgekd.deployment.decide`) from its profile and compile
+    records; ``precision`` (``edgekd bundle --artifact``), else ``bundle.artifact``, pins it."""
+    compiled = ctx.results["compile"].outputs
+    return decide(
+        ctx.output("profile", "rows"),
+        compiled["artifacts"],
+        compiled.get("unbuilt_artifacts", []),
+        max_drop=ctx.recipe.quantize.max_accuracy_drop,
+        pinned=precision or ctx.recipe.bundle.artifact,
+        target=ctx.target.name,
+    )
+
+
+def _choose(artifacts: list[dict[str, Any]], decision: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest entry of the decided artifact, for model_data.c; None when the decision is an
+    engine left to the device (nothing built here to embed)."""
+    if decision["artifact"] is None:
         return None
-    if precision is None:
-        precision = "int8" if "int8" in built else built[0]
-    if precision not in built:
-        raise RecipeError(
-            f"bundle.artifact {precision!r}: target {target} built {', '.join(built)}; choose one of them"
-        )
-    return artifacts[built.index(precision)]
+    return next(entry for entry in artifacts if entry["file"] == decision["file"])
+
+
+def _memory_of(ctx: RunContext, path: str) -> dict[str, Any] | None:
+    """The profile stage's peak-memory record of the artifact at run-relative ``path`` (None: unmeasured)."""
+    row = next((row for row in ctx.output("profile", "rows") if row.get("artifact") == path), None)
+    return None if row is None else row.get("memory")
 
 
 def _eval_arrays(ctx: RunContext) -> dict[str, np.ndarray] | None:
@@ -169,7 +187,7 @@ def _unbuilt(ctx: RunContext, work: Path) -> list[dict[str, Any]]:
     ]
 
 
-def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
+def _fill(ctx: RunContext, work: Path, decision: dict[str, Any]) -> dict[str, Any]:
     """Write every bundle file into ``work``; return the manifest (without ``files``)."""
     target = ctx.target
     device_build = _copy_artifacts(ctx, work)
@@ -187,9 +205,10 @@ def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
                 "size_bytes": sum((work / f).stat().st_size for f in [file, *companions]),
                 **describe_io(work / file, export_onnx),
                 "quantization": _artifact_quantization(ctx, record),
+                "memory": _memory_of(ctx, record["path"]),
             }
         )
-    chosen = _choose(artifacts, precision or ctx.recipe.bundle.artifact, target.name)
+    chosen = _choose(artifacts, decision)
     firmware = None if chosen is None else _write_c_array(work, chosen)
     _, _, meta = ctx.dataset
     eval_arrays = _eval_arrays(ctx)
@@ -210,6 +229,7 @@ def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
         "training": _training(ctx),
         "dataset": {"name": meta.name, "fingerprint": meta.fingerprint, "source": meta.source},
         "artifacts": artifacts,
+        "deployment": _manifest_decision(decision),
         "firmware": firmware,
         "inputs": (chosen or {}).get("inputs"),
         "outputs": (chosen or {}).get("outputs"),
@@ -223,6 +243,15 @@ def _fill(ctx: RunContext, work: Path, precision: str | None) -> dict[str, Any]:
             "split": "held-out (the first frames of the split the profile stage evaluates)",
             "arrays": {"x": "model inputs (preprocessed)", "y": _label_source(ctx), "groups": "SNR in dB"},
         },
+    }
+
+
+def _manifest_decision(decision: dict[str, Any]) -> dict[str, Any]:
+    """The decision as the manifest states it: files by their bundle names, measured on this host."""
+    return {
+        **{key: value for key, value in decision.items() if key != "artifact"},
+        "embedded": decision["artifact"] is not None,  # False: an engine left to the device
+        "measured_on": f"{platform.node()} (the host the profile stage ran on)",
     }
 
 
@@ -267,12 +296,20 @@ def _write_c_array(work: Path, chosen: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_bundle(ctx: RunContext, precision: str | None = None) -> Path:
-    """Build the bundle of ``ctx``'s run and target, replacing any previous one; returns its directory."""
+    """Build the bundle of ``ctx``'s run and target, replacing any previous one; returns its directory.
+
+    The embedded artifact is the deployment decision's (``precision`` pins it, as ``bundle.artifact``).
+    """
+    return write_decided_bundle(ctx, deployment_decision(ctx, precision))
+
+
+def write_decided_bundle(ctx: RunContext, decision: dict[str, Any]) -> Path:
+    """:func:`write_bundle` for a decision already made (the bundle stage records the same one)."""
     final = bundle_dir(ctx.run_dir, ctx.target.name)
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        manifest = _fill(ctx, work, precision)
+        manifest = _fill(ctx, work, decision)
         files = sorted(p.name for p in work.iterdir())
         manifest["files"] = {name: sha256_file(work / name) for name in files}
         atomic.write_json(work / MANIFEST_FILE, manifest)

@@ -1,4 +1,5 @@
-"""Check a bundle: every checksum, the C array against its artifact, and each artifact loads and runs.
+"""Check a bundle: every checksum, the C array against its artifact and against the artifact the
+manifest's deployment decision chose, and each artifact loads and runs.
 
 A modified, missing or unexpected file is a :class:`BundleError` naming the file. An artifact whose
 runtime is not installed here (or that only loads on its device, like a TensorRT engine) is reported
@@ -13,6 +14,7 @@ run an artifact is capped at :data:`MAX_SAMPLE_ELEMENTS`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -212,6 +214,9 @@ def check_manifest(directory: Path, manifest: Any, members: set[str]) -> dict[st
             m.member(header, "firmware.header")
         m.get(firmware, "size_bytes", "firmware.size_bytes", (int,), False)
         m.get(firmware, "sha256", "firmware.sha256", (str,), False)
+    deployment = m.get(data, "deployment", "deployment", (dict,), False)
+    if deployment is not None and m.get(deployment, "embedded", "deployment.embedded", (bool,), False):
+        m.member(m.get(deployment, "file", "deployment.file", (str,), True), "deployment.file")
     eval_set = m.get(data, "eval_set", "eval_set", (dict,), False)
     if eval_set is not None:
         m.member(m.get(eval_set, "file", "eval_set.file", (str,), True), "eval_set.file")
@@ -222,8 +227,28 @@ def check_manifest(directory: Path, manifest: Any, members: set[str]) -> dict[st
     return data
 
 
+def _check_deployment(directory: Path, manifest: dict[str, Any], array: bytes | None) -> None:
+    """The artifact the manifest's deployment decision chose is the one the C array embeds (by SHA-256)."""
+    deployment = manifest.get("deployment")
+    if not deployment or not deployment.get("embedded"):
+        return
+    chosen = deployment["file"]
+    if array is None:
+        raise BundleError(
+            f"{directory / MANIFEST_FILE}: deployment chose {chosen} but the bundle embeds no C array "
+            f"(the bundle was modified)"
+        )
+    embedded = manifest["firmware"]["artifact"]
+    if hashlib.sha256(array).hexdigest() != sha256_file(directory / chosen):
+        raise BundleError(
+            f"{directory / manifest['firmware']['source']}: its array is not {chosen}, the artifact "
+            f"manifest.json's deployment chose (it embeds {embedded}); rebuild the bundle with edgekd bundle"
+        )
+
+
 def _check_c_array(directory: Path, manifest: dict[str, Any]) -> str:
-    """The C array of ``model_data.c`` equals its artifact byte for byte (length, SHA-256 as recorded)."""
+    """The C array of ``model_data.c`` equals its artifact byte for byte (length, SHA-256 as recorded),
+    and that artifact is the deployment decision's."""
     firmware = manifest["firmware"]
     source = directory / firmware["source"]
     array = carray.parse_source(source.read_text(encoding="utf-8", errors="replace"), str(source))
@@ -244,7 +269,9 @@ def _check_c_array(directory: Path, manifest: dict[str, Any]) -> str:
             f"{directory / MANIFEST_FILE}: firmware.sha256 is not the SHA-256 of {firmware['artifact']} "
             f"(the bundle was modified)"
         )
-    return f"{len(array)} bytes == {firmware['artifact']}"
+    _check_deployment(directory, manifest, array)
+    deployed = ", the deployed artifact" if (manifest.get("deployment") or {}).get("embedded") else ""
+    return f"{len(array)} bytes == {firmware['artifact']}{deployed}"
 
 
 def _sample(spec: dict[str, Any], where: str = "inputs[0]") -> np.ndarray:
@@ -291,5 +318,7 @@ def verify_bundle(directory: Path) -> list[tuple[str, str]]:
     rows = [("checksums", f"{len(manifest['files']) + 1} files match {SUMS_FILE} and manifest.json")]
     if manifest.get("firmware"):
         rows.append((carray.SOURCE_FILE, _check_c_array(directory, manifest)))
+    else:
+        _check_deployment(directory, manifest, None)
     rows += [(record["file"], run_artifact(directory, record)) for record in manifest["artifacts"]]
     return rows

@@ -34,7 +34,7 @@ from edgekd.bundle.verify import check_manifest, read_manifest
 from edgekd.errors import BundleError, EdgekdError
 from edgekd.profile.accuracy import evaluate_classifier
 from edgekd.profile.engine_build import build_engines
-from edgekd.profile.latency import measure_latency, peak_rss_mb
+from edgekd.profile.latency import MemoryWindow, measure_latency, peak_rss_mb
 
 EVAL_BATCH = 256
 EXIT_BAD_INPUT = 2
@@ -114,16 +114,19 @@ def profile_bundle(
         artifact = Artifact(
             bundle / record["file"], record["backend"], record["precision"], record.get("metadata", {})
         )
+        memory = MemoryWindow().start()
         runner = backend.load(artifact, threads=count, **options)
+        if eval_arrays is not None:
+            sample = np.ascontiguousarray(eval_arrays["x"][:batch])
+        else:
+            sample = _model_input(record["inputs"], batch)
+        latency = measure_latency(runner, sample, warmup, iterations)
+        peak = memory.stop(runner)  # loading and the timed runs, before the larger accuracy batches
         accuracy = None
         if eval_arrays is not None:
             accuracy = evaluate_classifier(
                 runner, eval_arrays["x"], eval_arrays["y"], EVAL_BATCH, groups=eval_arrays.get("groups")
             )
-            sample = np.ascontiguousarray(eval_arrays["x"][:batch])
-        else:
-            sample = _model_input(record["inputs"], batch)
-        latency = measure_latency(runner, sample, warmup, iterations)
         info = {**runner.info, "artifact": record["file"]}
         rows.append(
             {
@@ -133,6 +136,7 @@ def profile_bundle(
                 "size_bytes": record["size_bytes"],
                 "accuracy": accuracy,
                 "latency": latency,
+                "memory": peak,
                 "runtime_info": info,
             }
         )

@@ -135,3 +135,99 @@ def current_rss_mb() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def _status_mb(field: str) -> float | None:
+    """A memory line of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; None off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (``VmHWM``) to its current size (Linux >= 4.0: writing 5
+    to ``/proc/self/clear_refs``); False where that is not possible, and the peak stays the lifetime one."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+MEMORY_METHOD = (
+    "resident memory of the measuring process (/proc/self/status): VmRSS before the artifact is "
+    "loaded (after gc and glibc malloc_trim hand freed memory back), VmHWM (peak, reset to VmRSS just "
+    "before loading via /proc/self/clear_refs) after loading and the timed runs at the profile batch; "
+    "counts the runtime's heap, arenas, weights and the shared libraries it first maps, not memory "
+    "reused without growing the process, nor GPU memory"
+)
+
+
+def runtime_arena(runner: Any) -> dict[str, Any] | None:
+    """The runtime's own working-memory figure where it reports one: a TensorRT engine's device
+    (activation and scratch) memory. ONNX Runtime and OpenVINO expose no arena size through Python."""
+    engine = getattr(runner, "engine", None)
+    for name in ("device_memory_size_v2", "device_memory_size"):
+        size = getattr(engine, name, None) if engine is not None else None
+        if isinstance(size, int):
+            return {
+                "bytes": size,
+                "source": f"TensorRT ICudaEngine.{name} (GPU memory per execution context)",
+            }
+    return None
+
+
+def _release_free_heap() -> bool:
+    """Hand the C heap's free pages back to the kernel (glibc ``malloc_trim(0)``), so that an artifact
+    reusing memory freed by earlier work still shows as added resident memory; False where unavailable."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+class MemoryWindow:
+    """Resident memory added by loading and running one artifact: :data:`MEMORY_METHOD`.
+
+    ``peak_added_mb`` (VmHWM - VmRSS before loading) is what the artifact needs resident at its peak
+    on top of what the process already held; ``rss_added_mb`` is what it still holds after the runs.
+    Where the peak cannot be reset (not Linux, or clear_refs refused), ``peak_added_mb`` is None:
+    the lifetime peak would belong to earlier work (e.g. training), not to this artifact.
+    """
+
+    def start(self) -> MemoryWindow:
+        gc.collect()
+        self.trimmed = _release_free_heap()
+        self.before = _status_mb("VmRSS")
+        if self.before is None:
+            self.before = current_rss_mb()
+        self.reset = reset_peak_rss()
+        return self
+
+    def stop(self, runner: Any = None) -> dict[str, Any]:
+        peak, now = _status_mb("VmHWM"), _status_mb("VmRSS") or current_rss_mb()
+        before = self.before
+
+        def diff(value: float | None) -> float | None:
+            return None if value is None or before is None else round(value - before, 2)
+
+        return {
+            "rss_before_mb": None if before is None else round(before, 2),
+            "peak_rss_mb": None if peak is None or not self.reset else round(peak, 2),
+            "peak_added_mb": diff(peak) if self.reset else None,
+            "rss_added_mb": diff(now),
+            "method": MEMORY_METHOD
+            if self.reset
+            else "VmRSS before loading vs after the runs (peak not resettable here)",
+            "runtime_arena": runtime_arena(runner),
+        }

@@ -57,30 +57,40 @@ def _find(
 
 
 def headline(
-    rows: list[dict[str, Any]], not_measured: list[dict[str, Any]] | None = None, deploy: bool = False
+    rows: list[dict[str, Any]],
+    not_measured: list[dict[str, Any]] | None = None,
+    deploy: bool = False,
+    deployment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Ratios a reader asks first: deployed student vs teacher speed, size and accuracy; INT8 drop.
 
-    With no artifact measured here (``not_measured``: e.g. TensorRT engines on a host without a GPU),
-    the ratios are those of the PyTorch student and ``not_measured`` names what is missing. ``deploy``
-    (``edgekd deploy``: no teacher) words the INT8 agreement as with the FP32 model.
+    "Deployed" is the bundle's deployment decision (:mod:`edgekd.deployment`): its row when it was
+    measured here. With no artifact measured here (``not_measured``: e.g. TensorRT engines on a host
+    without a GPU), the ratios are those of the PyTorch student and ``not_measured`` names what is
+    missing. ``deploy`` (``edgekd deploy``: no teacher) words the INT8 agreement as with the FP32 model.
     """
     teacher = next((row for row in rows if row["role"] == "teacher" and row["precision"] == "fp32"), None)
     deployed = [row for row in rows if "artifact" in row]
-    best = (
-        min(deployed, key=lambda row: row["latency"]["p50_ms"]) if deployed else _find(rows, "torch", "fp32")
-    )
+    chosen = None
+    if deployment is not None and deployment.get("row") is not None:
+        chosen = next((row for row in deployed if row["name"] == deployment["row"]), None)
+    best = chosen or _find(rows, "torch", "fp32")
     fp32_artifact = next((row for row in deployed if row["precision"] == "fp32"), None)
     int8_artifact = next((row for row in deployed if row["precision"] == "int8"), None)
     if best is None:  # a deployed ONNX file (no PyTorch row) whose artifacts were all left to the device
         return {
-            "deployed": "none measured here",
+            "deployed": _unmeasured_name(deployment) or "none measured here",
             "not_measured": ", ".join(i["name"] for i in not_measured or []),
         }
     out: dict[str, Any] = {"deployed": best["name"]}
+    if chosen is None:
+        left = _unmeasured_name(deployment)
+        out["deployed"] = (
+            f"{left} (not measured here; ratios of {best['name']})"
+            if left
+            else f"{best['name']} (reference: no deployed artifact was measured here)"
+        )
     if not_measured:
-        if not deployed:
-            out["deployed"] = f"{best['name']} (reference: no deployed artifact was measured here)"
         out["not_measured"] = ", ".join(item["name"] for item in not_measured)
     if teacher is not None:
         out["speedup_vs_teacher"] = round(teacher["latency"]["p50_ms"] / best["latency"]["p50_ms"], 2)
@@ -98,6 +108,14 @@ def headline(
         key = "int8_agreement_with_fp32" if deploy else "int8_agreement_with_pytorch"
         out[key] = int8_artifact["accuracy"]["agreement"]
     return out
+
+
+def _unmeasured_name(deployment: dict[str, Any] | None) -> str | None:
+    """The deployed artifact's name when the decision chose one not measured here (an engine left to
+    the device), worded as the profile stage names its artifacts."""
+    if deployment is None or deployment.get("precision") is None or deployment.get("row") is not None:
+        return None
+    return f"student ({deployment['backend']} {deployment['precision'].upper()})"
 
 
 def labels_note(ctx: RunContext) -> str | None:
@@ -123,6 +141,8 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
     deploy = "model" in ctx.results  # edgekd deploy: the model stage's model is the student; no teacher
     student = ctx.results["model" if deploy else "distill"].outputs
     profile = ctx.results["profile"].outputs
+    # The bundle stage's decision: the headline's "deployed" and the bundle's C array name the same artifact.
+    deployment = ctx.results["bundle"].outputs.get("deployment")
     stage_times = {
         name: {"wall_s": round(r.wall_s, 2), "cached": r.cached} for name, r in ctx.results.items()
     }
@@ -160,6 +180,12 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         "device": remote.get("device"),
         "device_engine_build": remote.get("engine_build"),
         "bundle": ctx.output("bundle", "bundle_dir"),
-        "headline": headline([row for row in rows if "measured_on" not in row], not_measured, deploy=deploy),
+        "deployment": deployment,
+        "headline": headline(
+            [row for row in rows if "measured_on" not in row],
+            not_measured,
+            deploy=deploy,
+            deployment=deployment,
+        ),
         "stages": stage_times,
     }

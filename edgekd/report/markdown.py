@@ -46,9 +46,16 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
                 f"{lat['p90_ms']:.3f}",
                 f"{lat['p99_ms']:.3f}",
                 f"{lat['throughput_per_s']:.0f}",
+                _peak_memory(row),
             ]
         )
     return out
+
+
+def _peak_memory(row: dict[str, Any]) -> str:
+    """Resident memory loading and running the artifact added at its peak (profile stage), or –."""
+    peak = (row.get("memory") or {}).get("peak_added_mb")
+    return "–" if peak is None else f"{peak:.1f}"
 
 
 def _agreement(accuracy: dict[str, Any] | None) -> str:
@@ -66,6 +73,7 @@ SUMMARY_HEADER = [
     "p90 ms",
     "p99 ms",
     "samples/s",
+    "peak MB",
 ]
 
 
@@ -152,6 +160,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in head.items() if key != "deployed")
         + ".",
         *(["", report["labels_note"]] if report.get("labels_note") else []),
+        *_deployment(report.get("deployment"), report["rows"]),
         *_not_measured(report),
         *_load_warning(report),
         *_per_snr(report),
@@ -192,6 +201,77 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+DEPLOYMENT_HEADER = [
+    "artifact",
+    "precision",
+    "accuracy",
+    "drop vs FP32",
+    "p50 ms",
+    "speedup vs FP32",
+    "peak MB",
+    "budget met",
+    "chosen",
+]
+
+
+def _cell(value: Any, form: str) -> str:
+    return "–" if value is None else format(value, form)
+
+
+def deployment_rows(decision: dict[str, Any]) -> list[list[str]]:
+    """The decision's candidates as table rows (:func:`edgekd.deployment.decide`)."""
+    rows = []
+    for item in decision["candidates"]:
+        met = item["budget_met"]
+        rows.append(
+            [
+                f"`{item['file']}`" + ("" if item["measured"] else " (not measured)"),
+                item["precision"].upper(),
+                _cell(item["accuracy"], ".4f"),
+                _cell(item["drop_vs_fp32"], "+.4f"),
+                _cell(item["p50_ms"], ".3f"),
+                "–" if item["speedup_vs_fp32"] is None else f"{item['speedup_vs_fp32']:.2f}x",
+                _cell(item["peak_memory_mb"], ".1f"),
+                "–" if met is None else ("yes" if met else "no"),
+                "**yes**" if item["chosen"] else "",
+            ]
+        )
+    return rows
+
+
+def _deployment(decision: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:
+    """The deployment decision the bundle embeds: the candidates, the budget, and why."""
+    if not decision or not decision.get("candidates"):
+        return []
+    budget = decision["budget"]
+    reference = (
+        ""
+        if budget["reference_accuracy"] is None
+        else f" (accuracy >= {budget['min_accuracy']:.4f}: {budget['reference']} "
+        f"{budget['reference_accuracy']:.4f} minus {budget['max_drop']:g}, {budget['source']})"
+    )
+    return [
+        "",
+        "## Deployment",
+        "",
+        f"Rule: {decision['rule']}{reference}; a pinned `bundle.artifact` overrides it. "
+        f"**{decision['reason']}.** The bundle's `model_data.c` and `manifest.json` embed and name "
+        "this artifact.",
+        "",
+        *_table(DEPLOYMENT_HEADER, deployment_rows(decision)),
+        "",
+        "Peak MB: resident memory that loading the artifact and its timed runs added at their peak "
+        "(VmHWM, reset before loading, minus VmRSS before; this process, this host; GPU memory not "
+        "included).",
+        *(
+            f"- {row['name']}: the runtime reports {human_bytes(arena['bytes'])} of working memory "
+            f"({arena['source']})."
+            for row in rows
+            if (arena := (row.get("memory") or {}).get("runtime_arena"))
+        ),
+    ]
 
 
 def _training(report: dict[str, Any]) -> list[str]:

@@ -25,9 +25,9 @@ PIPELINE: list[Stage] = [
     export.STAGE,
     quantize.STAGE,
     compile.STAGE,
-    bundle.STAGE,  # before profile: the remote stage profiles this bundle on the device
     profile.STAGE,
-    remote.STAGE,
+    bundle.STAGE,  # after profile: it embeds the deployment decision made from the measurements
+    remote.STAGE,  # after bundle: it profiles this bundle on the device
     report.STAGE,
 ]
 STAGE_NAMES = [stage.name for stage in PIPELINE]

@@ -1,4 +1,4 @@
-"""Stage 6: latency and accuracy of every model and artifact, on the same held-out frames.
+"""Stage 6: latency, accuracy and peak memory of every model and artifact, on the same held-out frames.
 
 Rows: the teacher and the student in PyTorch (the reference), then each compiled artifact of the
 target (e.g. student FP32 ONNX and INT8 ONNX on ONNX Runtime). A teacher given as ONNX is measured
@@ -7,7 +7,11 @@ no PyTorch row: its artifacts' agreement is with that file run by ONNX Runtime i
 that of the artifact itself, overall and per SNR, and for each artifact the share of held-out frames on
 which it predicts the same class as the FP32 model it was built from; latency follows the recorded protocol
 (warm-up, iterations, batch, threads), model-only and end-to-end with the input normalisation; GPU
-runners (TensorRT) are also timed on the device with CUDA events. Artifacts the compile stage could
+runners (TensorRT) are also timed on the device with CUDA events. Each artifact's ``memory`` is the
+resident memory loading it and its timed runs added (:class:`edgekd.profile.latency.MemoryWindow`:
+VmRSS before loading vs the reset VmHWM peak; the runtime's own arena figure where it reports one),
+what a firmware engineer sizes RAM from; the bundle stage's deployment decision reads these rows.
+Artifacts the compile stage could
 not build here (TensorRT without a GPU) are listed under ``not_measured`` with the reason.
 
 The thread count is the recipe's ``profile.threads`` (all usable cores when unset), never shrunk
@@ -34,7 +38,7 @@ from edgekd.models.checkpoint import load_weights
 from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.profile.accuracy import evaluate_logits, predict
 from edgekd.profile.cuda_latency import measure_cuda_latency, supports_cuda_events
-from edgekd.profile.latency import current_rss_mb, measure_latency, peak_rss_mb
+from edgekd.profile.latency import MemoryWindow, measure_latency
 from edgekd.stages.model_import import load_student, student_stage
 from edgekd.threads import CpuSample, LoadWindow, load_summary, wait_policy
 
@@ -57,15 +61,20 @@ def _evaluation_set(ctx: RunContext) -> ArrayDataset:
 
 
 def _measure(
-    ctx: RunContext, runner: Any, row: dict[str, Any], reference: np.ndarray | None = None
+    ctx: RunContext,
+    runner: Any,
+    row: dict[str, Any],
+    reference: np.ndarray | None = None,
+    memory: MemoryWindow | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """``row`` with the runner's accuracy and latency; and its predicted classes on the evaluation set."""
+    """``row`` with the runner's latency and accuracy (and, given ``memory`` started before the runner was
+    loaded, the resident memory loading and the timed runs added); and its predicted classes.
+
+    The timed runs come first so that the memory peak is that of the profile batch, not of the larger
+    batches accuracy is evaluated in.
+    """
     spec = ctx.recipe.profile
     evaluation_set = _evaluation_set(ctx)
-    logits = predict(runner, evaluation_set.x, batch_size=EVAL_BATCH)
-    evaluation = evaluate_logits(
-        logits, evaluation_set.y, evaluation_set.snr, reference, group_labels=ctx.dataset[2].group_labels
-    )
     raw, preprocess = raw_and_preprocess(
         ctx.dataset[2], np.ascontiguousarray(evaluation_set.x[: spec.batch_size])
     )
@@ -73,16 +82,19 @@ def _measure(
     if supports_cuda_events(runner):
         model_input = preprocess(raw) if preprocess is not None else raw
         latency["cuda_events"] = measure_cuda_latency(runner, model_input, spec.warmup, spec.iterations)
-    ctx.log(f"  {row['name']}: accuracy {evaluation['accuracy']:.4f}, p50 {latency['p50_ms']:.3f} ms")
-    return {**row, "accuracy": evaluation, "latency": latency}, logits.argmax(axis=1)
-
-
-def _memory(rss_before_mb: float | None) -> dict[str, Any]:
-    """Resident memory this process gained while loading, evaluating and timing one artifact, and its peak."""
-    now = current_rss_mb()
-    added = None if now is None or rss_before_mb is None else round(now - rss_before_mb, 2)
-    peak = peak_rss_mb()
-    return {"rss_added_mb": added, "process_peak_rss_mb": None if peak is None else round(peak, 1)}
+    measured = {**row}
+    if memory is not None:
+        measured["memory"] = memory.stop(runner)
+    logits = predict(runner, evaluation_set.x, batch_size=EVAL_BATCH)
+    evaluation = evaluate_logits(
+        logits, evaluation_set.y, evaluation_set.snr, reference, group_labels=ctx.dataset[2].group_labels
+    )
+    peak = (measured.get("memory") or {}).get("peak_added_mb")
+    ctx.log(
+        f"  {row['name']}: accuracy {evaluation['accuracy']:.4f}, p50 {latency['p50_ms']:.3f} ms"
+        + ("" if peak is None else f", peak memory +{peak:.1f} MB")
+    )
+    return {**measured, "accuracy": evaluation, "latency": latency}, logits.argmax(axis=1)
 
 
 def _layer_times(
@@ -204,11 +216,9 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             "flops": ctx.output(stage, "flops"),
             "artifact": record["path"],
         }
-        rss_before = current_rss_mb()
-        window = LoadWindow().start()
+        window, memory = LoadWindow().start(), MemoryWindow().start()
         runner = backend.load(artifact, threads=threads, **options)
-        measured, _ = _measure(ctx, runner, {**row, "runtime_info": runner.info}, reference)
-        measured["memory"] = _memory(rss_before)
+        measured, _ = _measure(ctx, runner, {**row, "runtime_info": runner.info}, reference, memory)
         measured["layer_times"] = _layer_times(ctx, backend, artifact, threads, options)
         _with_load(measured, window, samples)
         rows.append(measured)

@@ -60,6 +60,7 @@ def device_rows(ctx: RunContext, result: dict[str, Any]) -> list[dict[str, Any]]
             "artifact": f"{bundle}/{row['file']}",
             "accuracy": row["accuracy"],
             "latency": row["latency"],
+            "memory": row.get("memory"),  # absent from runners older than issue 13
             "runtime_info": row["runtime_info"],
             "measured_on": device,
         }

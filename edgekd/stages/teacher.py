@@ -23,7 +23,7 @@ from edgekd.models import build_model, model_source_files
 from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.stats import count_flops, count_parameters
 from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
-from edgekd.recipe import DistillSpec
+from edgekd.recipe import DistillSpec, Recipe
 from edgekd.threads import apply_training_threads
 
 MODEL_FILE = "teacher.pt"
@@ -127,4 +127,12 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     }
 
 
-STAGE = Stage("teacher", _run, recipe_fields("seed", "data", "teacher"), _inputs)
+def _config(recipe: Recipe) -> dict[str, Any]:
+    """The stage's recipe slice, without ``teacher.store``: it says where the weights come from, not
+    what they are (a stored teacher is the one this stage would train)."""
+    config = recipe_fields("seed", "data", "teacher")(recipe)
+    config["teacher"].pop("store")
+    return config
+
+
+STAGE = Stage("teacher", _run, _config, _inputs)

@@ -1,0 +1,204 @@
+"""The deployment decision (issue 13): one rule that the bundle, its manifest and the report share."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgekd.api import deploy
+from edgekd.bundle.checksums import MANIFEST_FILE, SUMS_FILE, render_sums
+from edgekd.bundle.verify import verify_bundle
+from edgekd.deployment import DEFAULT_MAX_DROP, decide
+from edgekd.errors import BundleError, RecipeError
+from edgekd.stages import DEPLOY_STAGE_NAMES, STAGE_NAMES
+from tests.test_cli import assert_user_error, run_cli
+from tests.test_deploy import FAST_API, export_mobilenet
+
+# ---------------------------------------------------------------- the rule, on hand-made rows
+
+ARTIFACTS = [
+    {"path": "05-compile/student.fp32.onnx", "backend": "onnxruntime", "precision": "fp32"},
+    {"path": "05-compile/student.int8.onnx", "backend": "onnxruntime", "precision": "int8"},
+]
+
+
+def _row(precision: str, accuracy: float, p50: float, artifact: bool = True) -> dict:
+    row = {
+        "name": f"student ({'onnxruntime' if artifact else 'PyTorch'} {precision.upper()})",
+        "role": "student",
+        "runtime": "onnxruntime" if artifact else "torch",
+        "precision": precision,
+        "accuracy": {"accuracy": accuracy},
+        "latency": {"p50_ms": p50},
+        "memory": {"peak_added_mb": 3.0},
+    }
+    if artifact:
+        row["artifact"] = f"05-compile/student.{precision}.onnx"
+    return row
+
+
+def test_fastest_within_budget_wins():
+    decision = decide([_row("fp32", 0.90, 2.0), _row("int8", 0.895, 1.0)], ARTIFACTS)
+    assert decision["how"] == "rule" and decision["precision"] == "int8"
+    assert decision["file"] == "student.int8.onnx" and decision["row"] == "student (onnxruntime INT8)"
+    assert decision["budget"]["max_drop"] == DEFAULT_MAX_DROP == 0.01
+    assert decision["budget"]["min_accuracy"] == pytest.approx(0.89)
+    int8 = decision["candidates"][1]
+    assert int8["speedup_vs_fp32"] == 2.0 and int8["drop_vs_fp32"] == pytest.approx(0.005)
+    assert int8["budget_met"] is True and int8["chosen"] is True and int8["peak_memory_mb"] == 3.0
+    assert "INT8 is 2x FP32" in decision["reason"] and decision["reason"].endswith("deploying INT8")
+
+
+def test_slower_int8_loses_to_fp32():
+    decision = decide([_row("fp32", 0.90, 1.0), _row("int8", 0.90, 1.25)], ARTIFACTS)
+    assert decision["precision"] == "fp32" and decision["how"] == "rule"
+    assert decision["reason"] == "INT8 is 0.8x FP32 on this target: deploying FP32"
+    assert [c["chosen"] for c in decision["candidates"]] == [True, False]
+
+
+def test_faster_artifact_over_the_budget_loses():
+    rows = [_row("fp32", 0.90, 2.0), _row("int8", 0.85, 1.0)]
+    decision = decide(rows, ARTIFACTS)
+    assert decision["precision"] == "fp32"
+    assert decision["candidates"][1]["budget_met"] is False
+    assert "INT8 drops 0.0500 accuracy, over the budget of 0.01" in decision["reason"]
+    # a wider budget (quantize.max_accuracy_drop) lets it in
+    wide = decide(rows, ARTIFACTS, max_drop=0.06)
+    assert wide["precision"] == "int8" and wide["budget"]["source"] == "quantize.max_accuracy_drop"
+
+
+def test_pinned_precision_overrides_the_rule():
+    rows = [_row("fp32", 0.90, 1.0), _row("int8", 0.80, 3.0)]
+    decision = decide(rows, ARTIFACTS, pinned="int8")
+    assert decision["how"] == "pinned" and decision["precision"] == "int8"
+    assert decision["reason"].startswith("INT8 is pinned (bundle.artifact or edgekd bundle --artifact)")
+    assert "the rule would deploy FP32" in decision["reason"]
+    with pytest.raises(RecipeError, match="bundle.artifact 'fp16': target x86-ort built fp32, int8"):
+        decide(rows, ARTIFACTS, pinned="fp16", target="x86-ort")
+
+
+def test_without_a_measurement_the_recipe_precision_is_deployed():
+    """TensorRT without a GPU: engines left to the device, nothing measured here."""
+    unbuilt = [
+        {
+            "name": f"student (tensorrt {p.upper()})",
+            "backend": "tensorrt",
+            "precision": p,
+            "engine": f"s.{p}.engine",
+            "profiled": False,
+            "why": "no CUDA device",
+        }
+        for p in ("fp32", "fp16", "int8")
+    ]
+    torch_row = _row("fp32", 0.9, 5.0, artifact=False)
+    decision = decide([torch_row], [], unbuilt)
+    assert decision["how"] == "fallback" and decision["precision"] == "int8"
+    assert decision["artifact"] is None and decision["file"] == "s.int8.engine"
+    assert "no artifact was measured" in decision["reason"] and "no CUDA device" in decision["reason"]
+    assert decide([torch_row], [], unbuilt, pinned="fp16")["precision"] == "fp16"
+    no_int8 = decide([torch_row], [], unbuilt[:2])
+    assert no_int8["precision"] == "fp32"
+
+
+def test_reference_is_the_pytorch_row_without_an_fp32_artifact():
+    rows = [_row("fp32", 0.90, 5.0, artifact=False), _row("int8", 0.88, 1.0)]
+    decision = decide(rows, ARTIFACTS[1:])
+    assert decision["budget"]["reference"] == "student (PyTorch FP32)"
+    # 0.02 below the PyTorch FP32 student: over budget, and nothing else measured: the most accurate
+    assert decision["precision"] == "int8" and decision["how"] == "rule (budget missed)"
+    assert "no artifact meets the accuracy budget" in decision["reason"]
+
+
+def test_stage_order_profiles_before_bundling():
+    for names in (STAGE_NAMES, DEPLOY_STAGE_NAMES):
+        assert names[-5:] == ["compile", "profile", "bundle", "remote", "report"]
+
+
+# ---------------------------------------------------------------- a real run where INT8 is slower
+
+
+@pytest.fixture(scope="module")
+def mnv3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MobileNetV3-Small at 32x32 on ONNX Runtime: its INT8 QDQ model runs slower than FP32 here."""
+    root = tmp_path_factory.mktemp("decision")
+    model = export_mobilenet(root / "mnv3.onnx")
+    overrides = ["data.image_size=32", f"runs_dir={root / 'runs'}", *FAST_API, "profile.iterations=40"]
+    deploy(model, target="cpu", data="digits", overrides=overrides, log=lambda _: None)
+    return root / "runs" / "mnv3"
+
+
+def test_slower_int8_deploys_fp32_in_bundle_and_report(mnv3_run: Path):
+    report = json.loads((mnv3_run / "report.json").read_text())
+    rows = {row["precision"]: row for row in report["rows"] if "artifact" in row}
+    assert rows["int8"]["latency"]["p50_ms"] > rows["fp32"]["latency"]["p50_ms"], "INT8 is faster here"
+    assert [p.name for p in sorted(mnv3_run.glob("0*"))][-5:] == [
+        "04-compile", "05-profile", "06-bundle", "07-remote", "08-report"
+    ]  # fmt: skip
+    bundle = mnv3_run / report["bundle"]
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    decision = report["deployment"]
+    assert decision["precision"] == "fp32" and decision["how"] == "rule"
+    assert manifest["firmware"]["artifact"] == manifest["deployment"]["file"] == "student.fp32.onnx"
+    assert manifest["firmware"]["precision"] == "fp32" and manifest["deployment"]["embedded"] is True
+    assert report["headline"]["deployed"] == "student (onnxruntime FP32)" == decision["row"]
+    assert "x FP32 on this target: deploying FP32" in decision["reason"]
+    assert "student.fp32.onnx" in (bundle / "model_data.h").read_text()
+    markdown = (mnv3_run / "report.md").read_text()
+    assert "## Deployment" in markdown and f"**{decision['reason']}.**" in markdown
+    assert "| `student.fp32.onnx` | FP32 |" in markdown and "| **yes** |" in markdown
+    assert dict(verify_bundle(bundle))["model_data.c"].endswith("student.fp32.onnx, the deployed artifact")
+
+
+def test_peak_memory_in_rows_report_and_manifest(mnv3_run: Path):
+    report = json.loads((mnv3_run / "report.json").read_text())
+    manifest = json.loads((mnv3_run / report["bundle"] / MANIFEST_FILE).read_text())
+    for row in (row for row in report["rows"] if "artifact" in row):
+        memory = row["memory"]
+        assert memory["peak_added_mb"] > 0 and memory["peak_rss_mb"] >= memory["rss_before_mb"] > 0
+        assert memory["peak_added_mb"] >= memory["rss_added_mb"] - 0.01 and "VmHWM" in memory["method"]
+    for entry in manifest["artifacts"]:
+        assert entry["memory"]["peak_added_mb"] > 0
+    assert all(c["peak_memory_mb"] > 0 for c in manifest["deployment"]["candidates"])
+    assert "peak MB" in (mnv3_run / "report.md").read_text()
+
+
+def _rewrite_manifest(bundle: Path, manifest: dict) -> None:
+    """Change the manifest and make its checksums agree again (what a careless tool would do)."""
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    names = sorted(p.name for p in bundle.iterdir() if p.name != SUMS_FILE)
+    (bundle / SUMS_FILE).write_text(render_sums(bundle, names))
+
+
+def test_verify_catches_a_manifest_naming_another_artifact(mnv3_run: Path, tmp_path: Path):
+    report = json.loads((mnv3_run / "report.json").read_text())
+    bundle = Path(shutil.copytree(mnv3_run / report["bundle"], tmp_path / "x86-ort"))
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["deployment"]["file"] = "student.int8.onnx"  # the C array still holds the FP32 model
+    _rewrite_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match="its array is not student.int8.onnx"):
+        verify_bundle(bundle)
+    assert_user_error(
+        run_cli("verify-bundle", str(bundle)),
+        "model_data.c",
+        "student.int8.onnx",
+        "it embeds student.fp32.onnx",
+    )
+    manifest["firmware"] = None  # a deployment decision but no C array at all
+    _rewrite_manifest(bundle, manifest)
+    with pytest.raises(
+        BundleError, match="deployment chose student.int8.onnx but the bundle embeds no C array"
+    ):
+        verify_bundle(bundle)
+
+
+def test_bundle_command_pins_and_says_so(mnv3_run: Path):
+    result = run_cli("bundle", str(mnv3_run), "--artifact", "int8")
+    assert result.returncode == 0, result.stderr
+    bundle = mnv3_run / "bundle" / "x86-ort"
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    assert manifest["firmware"]["artifact"] == manifest["deployment"]["file"] == "student.int8.onnx"
+    assert manifest["deployment"]["how"] == "pinned"
+    assert "INT8 is pinned" in manifest["deployment"]["reason"]
+    assert "the rule would deploy FP32" in manifest["deployment"]["reason"]
+    verify_bundle(bundle)
