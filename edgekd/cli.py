@@ -112,6 +112,19 @@ def compress(
     device: DeviceFlag = None,
     known_hosts: KnownHostsFlag = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved recipe and exit")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="processes per node that train the teacher and student (torch.distributed, DDP)"
+        ),
+    ] = None,
+    nnodes: Annotated[int, typer.Option(min=1, help="nodes taking part (torchrun --nnodes)")] = 1,
+    node_rank: Annotated[
+        int | None, typer.Option(min=0, help="this node's rank (torchrun --node-rank)")
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT every node reaches (torchrun --rdzv-endpoint)")
+    ] = None,
 ) -> None:
     """Run the whole pipeline for one target: distil, export, quantise, compile, profile, bundle, report."""
     if name is None and data is not None and recipe is None:
@@ -130,15 +143,19 @@ def compress(
         "seed": seed,
         "device.host": device,
         "device.known_hosts": known_hosts,
+        "distill.world_size": nproc * nnodes if nproc is not None else None,
     }
     resolved = load_recipe(recipe, _overrides(flags, set_ or []))
     if dry_run:
         console.print(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), end="")
         return
+    from edgekd import distributed
     from edgekd.api import compress as run_compress
 
+    distributed.set_launch_options(nnodes, node_rank, rdzv_endpoint)
     report = run_compress(resolved, force=set(force or []), until=until, log=log)
-    _print_report(report, until, resolved.run_dir)
+    if not distributed.secondary_rank():  # torchrun's other ranks leave the summary to rank 0
+        _print_report(report, until, resolved.run_dir)
 
 
 @app.command(epilog=COMPRESS_EPILOG)
@@ -458,7 +475,7 @@ def main() -> None:
         sys.exit(1)
     except EdgekdError as exc:
         print(f"edgekd: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))  # a failed rank that was no user error: 1
     except OSError as exc:  # a full disk or an unwritable path met outside edgekd's atomic writes
         import errno
 

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
-from edgekd import atomic
+from edgekd import atomic, distributed
 from edgekd.errors import RecipeError
 from edgekd.hashing import sha256_file, sha256_json
 from edgekd.recipe import Recipe
@@ -221,16 +221,25 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
     if unknown:
         known = ", ".join(s.name for s in stages)
         raise RecipeError(f"--force {', '.join(sorted(unknown))}: no such stage; stages are {known}")
-    prepare_run_dir(ctx.run_dir)
-    removed = atomic.remove_stale_temps(ctx.run_dir, recursive=True)
-    if removed:
-        ctx.log(f"removed {len(removed)} temporary file(s) a killed run left in {ctx.run_dir}")
+    # Several processes (distill.world_size): teacher and distill run under torch.distributed first.
+    stages, force = distributed.run_training_stages(ctx, stages, force)
+    ctx.forced = {stage.name for stage in stages} if "all" in force else set(force)
+    if distributed.is_main():  # under torch.distributed, rank 0 alone writes
+        prepare_run_dir(ctx.run_dir)
+        removed = atomic.remove_stale_temps(ctx.run_dir, recursive=True)
+        if removed:
+            ctx.log(f"removed {len(removed)} temporary file(s) a killed run left in {ctx.run_dir}")
+    distributed.barrier()
     for index, stage in enumerate(stages, start=1):
         stage_dir = ctx.run_dir / stage_dir_name(index, stage)
         record_file = stage_dir / STAGE_FILE
         expected = fingerprint(stage, ctx)
         forced = stage.name in force or "all" in force
-        record, why = (None, None) if forced else _cached(record_file, ctx.run_dir, expected)
+        record, why = (
+            (None, None)
+            if forced
+            else distributed.decide(partial(_cached, record_file, ctx.run_dir, expected))
+        )
         if record is not None:
             ctx.results[stage.name] = StageResult(
                 stage.name, record["outputs"], expected, record["wall_s"], True, record_file
@@ -239,13 +248,15 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
             continue
         if why is not None:
             ctx.log(f"[{stage.name}] {why}; rerunning")
-        if forced and clear_stage(stage_dir):
-            ctx.log(f"[{stage.name}] --force: removed {stage_dir.name}/ (outputs and checkpoints)")
-        try:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            record_file.unlink(missing_ok=True)
-        except OSError as exc:
-            raise atomic.disk_error(stage_dir, exc, "create") from None
+        if distributed.is_main():
+            if forced and clear_stage(stage_dir):
+                ctx.log(f"[{stage.name}] --force: removed {stage_dir.name}/ (outputs and checkpoints)")
+            try:
+                stage_dir.mkdir(parents=True, exist_ok=True)
+                record_file.unlink(missing_ok=True)
+            except OSError as exc:
+                raise atomic.disk_error(stage_dir, exc, "create") from None
+        distributed.barrier()
         ctx.log(f"[{stage.name}] running")
         start = time.perf_counter()
         try:
@@ -255,19 +266,21 @@ def run_stages(ctx: RunContext, stages: list[Stage], force: set[str] | None = No
                 raise atomic.disk_error(exc.filename or stage_dir, exc) from None
             raise
         wall_s = time.perf_counter() - start
-        atomic.write_json(
-            record_file,
-            {
-                "stage": stage.name,
-                "fingerprint": expected,
-                "config": stage.config(ctx.recipe),
-                "outputs": outputs,
-                "files": output_hashes(outputs, ctx.run_dir),
-                "wall_s": round(wall_s, 3),
-                "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "pid": os.getpid(),
-            },
-        )
+        distributed.barrier()  # every rank finished the stage before rank 0 records it
+        if distributed.is_main():
+            atomic.write_json(
+                record_file,
+                {
+                    "stage": stage.name,
+                    "fingerprint": expected,
+                    "config": stage.config(ctx.recipe),
+                    "outputs": outputs,
+                    "files": output_hashes(outputs, ctx.run_dir),
+                    "wall_s": round(wall_s, 3),
+                    "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "pid": os.getpid(),
+                },
+            )
         ctx.results[stage.name] = StageResult(stage.name, outputs, expected, wall_s, False, record_file)
         ctx.log(f"[{stage.name}] done in {wall_s:.1f} s")
     return ctx.results

@@ -18,6 +18,8 @@ from yaml.events import AliasEvent
 from edgekd.errors import RecipeError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "radio-default.yaml"
+BUILTIN_TEACHERS = Path(__file__).resolve().parent / "teachers"  # trained teachers edgekd ships
+BUILTIN_PREFIX = "builtin:"
 
 # Bounds on what a recipe file may hold, checked while it is parsed (before any validation), so a
 # hostile file fails in milliseconds: its size, the nesting depth of its collections, and the number
@@ -93,7 +95,9 @@ class TeacherSpec(Section):
         None, description="module names whose outputs feature-map methods use (default: found automatically)"
     )
     checkpoint: Path | None = Field(
-        None, description="trained teacher weights (.pt, .safetensors); trained here when absent"
+        None,
+        description="trained teacher weights (.pt, .safetensors), or builtin:NAME for a teacher edgekd "
+        "ships (edgekd/teachers/); trained here when absent",
     )
     pretrained: bool = Field(False, description="timm models: start from the hub's pretrained weights")
     store: bool = Field(
@@ -102,6 +106,18 @@ class TeacherSpec(Section):
         "(models/cache/teachers); false: always train it here",
     )
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=15))
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _builtin_teacher(cls, value: Any) -> Any:
+        """``builtin:NAME`` is ``edgekd/teachers/NAME.safetensors``, a teacher shipped with edgekd."""
+        if isinstance(value, str) and value.startswith(BUILTIN_PREFIX):
+            name = value.removeprefix(BUILTIN_PREFIX)
+            shipped = sorted(path.stem for path in BUILTIN_TEACHERS.glob("*.safetensors"))
+            if name not in shipped:
+                raise ValueError(f"no shipped teacher {name!r}; shipped: {', '.join(shipped) or 'none'}")
+            return BUILTIN_TEACHERS / f"{name}.safetensors"
+        return value
 
 
 class StudentSpec(Section):
@@ -160,6 +176,14 @@ class DistillSpec(Section):
         description="share of train labels kept (semi-supervised methods: the rest unlabelled)",
     )
     train: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=15))
+    world_size: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="processes that train the teacher and distill stages together (torch.distributed, "
+        "DDP; --nproc x --nnodes); train.batch_size stays the global batch, each process takes "
+        "batch_size / world_size",
+    )
 
 
 class ExportSpec(Section):
@@ -187,6 +211,14 @@ class QuantizeSpec(Section):
     accuracy_samples: int = Field(
         500, ge=1, description="train frames (never calibration frames) the INT8 drop is measured on"
     )
+    mode: Literal["ptq", "qad"] = Field(
+        "ptq",
+        description="ptq: post-training INT8; qad: quantisation-aware distillation (fake-quant student "
+        "fine-tuned against the teacher, one QDQ ONNX for every backend); with max_accuracy_drop, "
+        "ptq climbs the ladder PTQ -> PTQ with float nodes -> QAD until the budget is met",
+    )
+    qad_epochs: int = Field(3, ge=0, description="QAD: fine-tuning epochs of the fake-quantised student")
+    qad_lr: float | None = Field(None, gt=0, description="QAD: learning rate; null = distill.train.lr / 30")
 
 
 class CompileSpec(Section):

@@ -7,6 +7,9 @@ every later run with the same teacher, data and bank reuses them; they are read 
 Without augmentation K = 1 (the samples themselves). ``entry.json``, written last, records each
 file's SHA-256 and shape: an entry without it (a killed write), truncated, or whose files changed
 since they were written is recomputed, with a one-line note saying why.
+
+Under ``torch.distributed`` (:func:`shared_teacher_outputs`) rank 0 alone computes and writes an
+entry; after a barrier every rank memory-maps it. The key never depends on the rank.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgekd import atomic
+from edgekd import atomic, distributed
 from edgekd.console import progress
 from edgekd.data.augment import AugmentationBank
 from edgekd.errors import OutputError, first_line
@@ -109,6 +112,35 @@ def cached_teacher_outputs(
         entry[name] = {"file": path.name, "shape": list(array.shape), "sha256": sha256_file(path)}
     atomic.write_json(folder / ENTRY_FILE, entry)
     return outputs, False
+
+
+def shared_teacher_outputs(
+    teacher: nn.Module,
+    x: np.ndarray,
+    cache_dir: Path,
+    key: str,
+    bank: AugmentationBank | None = None,
+    batch_size: int = 512,
+    log: Callable[[str], None] = print,
+) -> tuple[TeacherOutputs, bool]:
+    """:func:`cached_teacher_outputs` for every rank of a process group: rank 0 builds the entry,
+    then every rank (rank 0 included) reads it back memory-mapped. One process: the same as
+    :func:`cached_teacher_outputs`."""
+    if not distributed.is_active():
+        return cached_teacher_outputs(teacher, x, cache_dir, key, bank, batch_size, log)
+    hit = distributed.decide(
+        lambda: cached_teacher_outputs(teacher, x, cache_dir, key, bank, batch_size, log)[1]
+    )
+    distributed.barrier()
+    expected = (bank.variants if bank is not None else 1, len(x))
+    outputs, why = _read_entry(cache_dir / key, expected)
+    if outputs is None:
+        raise OutputError(
+            f"rank {distributed.rank()} cannot read the teacher cache {cache_dir / key} that rank 0 wrote "
+            f"({why or 'it is not there'}); with several nodes, runs_dir and its ../cache must be on a "
+            "filesystem every node shares"
+        )
+    return outputs, hit
 
 
 def _read_entry(folder: Path, expected: tuple[int, int]) -> tuple[TeacherOutputs | None, str | None]:

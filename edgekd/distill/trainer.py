@@ -10,6 +10,12 @@ diverges (a non-finite loss or weight) stops at the end of that epoch with a :cl
 naming the learning rate to lower, and that epoch is not saved. Both the last-epoch and the
 best-epoch accuracy are recorded; the model handed on is the last epoch's (the held-out split is the
 evaluation set, so picking the best epoch on it would overstate accuracy).
+
+Under ``torch.distributed`` (:mod:`edgekd.distributed`) the student and the method's trainable parts
+train inside one ``DistributedDataParallel``; rank ``r`` of ``N`` takes ``perm[r::N]`` of the epoch's
+order in batches of ``batch_size / N`` (``batch_size`` stays the global batch, the learning rate is
+unchanged); the epoch's loss is averaged over ranks, divergence and validation accuracy are decided
+on rank 0 and broadcast, and rank 0 alone writes ``latest.pt``, between barriers.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgekd import distributed
 from edgekd.atomic import write_torch
 from edgekd.console import progress
 from edgekd.data.augment import AugmentationBank
@@ -91,6 +99,43 @@ class _TeacherSource:
             return model_outputs(self.teacher, x, self.method.needs_features, self.method.needs_feature_maps)
 
 
+class _LossModule(nn.Module):
+    """The student and the method as one module, so one DDP wrapper averages the gradients of both."""
+
+    def __init__(self, model: nn.Module, method: DistillMethod) -> None:
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(
+        self, x: torch.Tensor, teacher: ModelOutputs | None, y: torch.Tensor, state: dict[str, Any]
+    ) -> torch.Tensor:
+        method = self.method
+        outputs = model_outputs(self.model, x, method.needs_features, method.needs_feature_maps)
+        return method.loss(outputs, teacher, y, state)
+
+
+def _loss_function(model: nn.Module, method: DistillMethod, trained: list[nn.Parameter]) -> nn.Module:
+    """The loss module, inside ``DistributedDataParallel`` when several processes train.
+
+    Parameters the optimiser does not train (a method's meta-learned parts) are left out of DDP;
+    the trainer averages them over ranks after each meta step instead.
+    """
+    module = _LossModule(model, method)
+    if distributed.world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = {id(p) for p in trained}
+    ignored = [name for name, p in module.named_parameters() if id(p) not in ids]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+    return DistributedDataParallel(module, find_unused_parameters=True)
+
+
+def _sync_state(model: nn.Module, method: DistillMethod) -> None:
+    """Rank 0's buffers (BatchNorm statistics, a method's records) on every rank."""
+    distributed.broadcast_([*model.buffers(), *method.buffers()])
+
+
 def split_held_out(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Train-split indices into (fit, held-out), stratified by label; held-out empty for fraction 0."""
     if fraction <= 0:
@@ -102,6 +147,19 @@ def split_held_out(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.n
         held.append(members[: max(1, round(fraction * len(members)))])
     held_out = np.sort(np.concatenate(held))
     return np.setdiff1d(np.arange(len(labels)), held_out), held_out
+
+
+MIN_ONE_CYCLE_STEPS = 10  # below this the one-cycle warm-up has no step to rise over
+
+
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer, lr: float, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle (Smith & Topin, 2019) to ``lr`` over ``total_steps``, 20 % warm-up; a run of fewer than
+    :data:`MIN_ONE_CYCLE_STEPS` steps (a smoke test) keeps ``lr`` constant instead."""
+    if total_steps < MIN_ONE_CYCLE_STEPS:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.2)
 
 
 def train(
@@ -136,23 +194,27 @@ def train(
     )
     method.prepare(model, y_all, dataset_outputs)
     params = [*model.parameters(), *method.student_parameters()]
+    world, rank = distributed.world_size(), distributed.rank()
+    local_batch = spec.batch_size // world  # batch_size is the global batch (divisible: checked)
+    loss_function = _loss_function(model, method, params)
+    trained = {id(p) for p in params}
+    meta_params = [p for p in method.parameters() if id(p) not in trained]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     fit, held_out = split_held_out(train_set.y, method.held_out_fraction, seed)
     steps_per_epoch = max(1, -(-len(fit) // spec.batch_size))
     total_steps = spec.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=spec.lr, total_steps=total_steps, pct_start=0.2
-    )
+    scheduler = learning_rate_schedule(optimizer, spec.lr, total_steps)
     result = TrainResult()
     first_epoch = _resume(stage_dir / LATEST, fingerprint, model, method, optimizer, scheduler, result, log)
     with progress() as bar:
         task = bar.add_task(label, total=spec.epochs, completed=first_epoch, status="")
         for epoch in range(first_epoch, spec.epochs):
             load = LoadWindow().start()  # others' CPU use during this epoch sizes the next one's threads
-            torch.manual_seed(seed * 100_003 + epoch)
+            distributed.test_hook(epoch)
+            torch.manual_seed(seed * 100_003 + epoch + 7919 * rank)  # rank 0: the single-process seed
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
             rng = np.random.default_rng([seed, epoch])
-            order = fit[rng.permutation(len(fit))]
+            order = distributed.shard(fit[rng.permutation(len(fit))], rank, world)
             variants = (
                 rng.integers(0, bank.variants, size=len(train_set)) if bank else np.zeros(len(train_set), int)
             )
@@ -160,8 +222,8 @@ def train(
             model.train()
             method.train()
             total, batches = 0.0, 0
-            for batch_index, start in enumerate(range(0, len(order), spec.batch_size)):
-                indices = order[start : start + spec.batch_size]
+            for batch_index, start in enumerate(range(0, len(order), local_batch)):
+                indices = order[start : start + local_batch]
                 batch_variants = variants[indices]
                 x, y = x_all[indices], y_all[indices]
                 if bank is not None:
@@ -179,12 +241,7 @@ def train(
                     state["mix"] = mix
                 live = mix is not None or method.needs_feature_maps
                 teacher_batch = source(indices, batch_variants, x, live) if method.needs_teacher else None
-                loss = method.loss(
-                    model_outputs(model, x, method.needs_features, method.needs_feature_maps),
-                    teacher_batch,
-                    y,
-                    state,
-                )
+                loss = loss_function(x, teacher_batch, y, state)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -193,10 +250,17 @@ def train(
                     cycle = batch_index * spec.batch_size + np.arange(spec.batch_size)
                     pick = held_order[cycle % len(held_order)]  # the held-out slice, cycled
                     method.meta_step(model, (x, y, teacher_batch), (x_all[pick], y_all[pick]), state)
+                    distributed.average_(meta_params)  # meta steps saw each rank's own batch
                 total += float(loss.detach())
                 batches += 1
-            _check_finite(total / batches, model, method, stage, epoch, spec, lr_field)
-            accuracy = predict_accuracy(model, val_set)
+            total, batches = distributed.all_sum([total, batches])  # the mean over every rank's batches
+            _sync_state(model, method)
+            verdict = distributed.decide(
+                partial(_verdict, total / batches, model, method, stage, epoch, spec, lr_field, val_set)
+            )
+            if isinstance(verdict, str):
+                raise TrainingError(verdict)
+            accuracy = verdict
             result.history.append(
                 {
                     "epoch": epoch + 1,
@@ -204,12 +268,35 @@ def train(
                     "val_accuracy": round(accuracy, 5),
                 }
             )
-            _save_latest(stage_dir / LATEST, fingerprint, epoch, model, method, optimizer, scheduler, result)
+            distributed.barrier()
+            if distributed.is_main():
+                _save_latest(
+                    stage_dir / LATEST, fingerprint, epoch, model, method, optimizer, scheduler, result
+                )
+            distributed.barrier()
             bar.update(task, advance=1, status=f"loss {total / batches:.3f}  val acc {accuracy:.3f}")
             rebalance_training_threads(load.stop(), log)
     method.finalize(model)
-    result.deployed_accuracy = predict_accuracy(model, val_set)
+    result.deployed_accuracy = distributed.decide(lambda: predict_accuracy(model, val_set))
     return result
+
+
+def _verdict(
+    loss: float,
+    model: nn.Module,
+    method: DistillMethod,
+    stage: str,
+    epoch: int,
+    spec: TrainSpec,
+    lr_field: str,
+    val_set: ArrayDataset,
+) -> float | str:
+    """The epoch's held-out accuracy, or the divergence message (decided on rank 0)."""
+    try:
+        _check_finite(loss, model, method, stage, epoch, spec, lr_field)
+    except TrainingError as exc:
+        return str(exc)
+    return predict_accuracy(model, val_set)
 
 
 def _check_finite(

@@ -181,3 +181,28 @@ def quantize_within_budget(
         "int8_left": is_quantized(onnx.load(str(target), load_external_data=False)),
     }
     return info
+
+
+def ort_latency_ms(path: Path, frame: np.ndarray, warmup: int = 5, iterations: int = 30) -> float:
+    """Median latency (ms) of one-frame calls of the model at ``path`` in ONNX Runtime on one CPU thread.
+
+    A quick figure to compare the rungs of the accuracy ladder with one another; the profile stage
+    measures the deployed artifact properly.
+    """
+    import time
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.ascontiguousarray(frame[None], dtype=np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times)) * 1e3, 4)

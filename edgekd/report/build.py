@@ -166,6 +166,7 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         "agreement_reference": profile.get("agreement_reference", "the FP32 PyTorch model"),
         "export": ctx.results["export"].outputs,
         "quantization": ctx.results["quantize"].outputs,
+        "budget_ladder": budget_ladder(ctx),
         "artifacts": ctx.output("compile", "artifacts"),
         "rows": rows,
         "not_measured": not_measured,
@@ -189,3 +190,11 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         ),
         "stages": stage_times,
     }
+
+
+def budget_ladder(ctx: Any) -> list[dict[str, Any]] | None:
+    """Every rung of the INT8 accuracy ladder tried (PTQ, PTQ with float nodes or NNCF, QAD), or None."""
+    ladder = ctx.results["quantize"].outputs.get("ladder")
+    for artifact in ctx.output("compile", "artifacts"):
+        ladder = ((artifact.get("metadata") or {}).get("quantization") or {}).get("ladder") or ladder
+    return ladder

@@ -180,6 +180,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         _export(report["export"]),
         *_quantization(report["quantization"]),
         *_nncf(report["artifacts"]),
+        *_budget_ladder(report.get("budget_ladder")),
         "",
         "## Measurement protocol",
         "",
@@ -404,6 +405,40 @@ def _quantization(quant: dict[str, Any]) -> list[str]:
         *_kept_in_float(q.get("kept_in_float"), "INT8 QDQ model"),
         *_accuracy_control(q.get("accuracy_control")),
     ]
+
+
+_RUNGS = {
+    "ptq": "PTQ",
+    "ptq_float_nodes": "PTQ, most damaging nodes in float",
+    "nncf_accuracy_control": "NNCF accuracy-aware PTQ",
+    "qad": "QAD (quantisation-aware distillation)",
+}
+
+
+def _budget_ladder(ladder: list[dict[str, Any]] | None) -> list[str]:
+    """The INT8 accuracy ladder: every rung tried, with accuracy, drop, latency and time."""
+    if not ladder:
+        return []
+
+    def number(value: Any, form: str) -> str:
+        return "—" if value is None else format(value, form)
+
+    lines = [
+        "",
+        "INT8 accuracy ladder (stops at the first rung within quantize.max_accuracy_drop; accuracy on "
+        "the budget's train frames, latency: ONNX Runtime CPU, 1 thread, batch 1):",
+        "",
+        "| rung | accuracy | drop | budget met | latency (ms) | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rung in ladder:
+        met = {True: "yes", False: "no", None: "—"}[rung.get("met")]
+        lines.append(
+            f"| {_RUNGS.get(rung['rung'], rung['rung'])} | {number(rung.get('accuracy'), '.4f')} | "
+            f"{number(rung.get('drop'), '.4f')} | {met} | {number(rung.get('latency_ms'), '.3f')} | "
+            f"{number(rung.get('seconds'), '.1f')} |"
+        )
+    return lines
 
 
 def _kept_in_float(counts: dict[str, int] | None, what: str) -> list[str]:

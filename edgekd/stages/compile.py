@@ -5,6 +5,11 @@ compile INT8 from the float export with the calibration set (and the accuracy bu
 recording in the artifact's ``quantization.kept_in_float`` the op types left in float; the others
 compile the quantize stage's QDQ model. Backends that build on the device (TensorRT) go
 through :mod:`edgekd.stages.device_build`, which also writes the deployable inputs and build script.
+
+Quantisation-aware distillation (``quantize.mode: qad``, or the last rung of the accuracy ladder)
+gives one QDQ ONNX that is the INT8 artifact of every backend: OpenVINO then converts that QDQ model
+(its Q/DQ pairs become FakeQuantize) instead of running NNCF. On OpenVINO the ladder is NNCF's
+accuracy-aware INT8, then QAD when NNCF misses the budget.
 """
 
 from __future__ import annotations
@@ -18,7 +23,15 @@ from edgekd.errors import ExportError, first_line
 from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.recipe import Recipe
 from edgekd.stages.device_build import device_build
-from edgekd.stages.quantize import accuracy_budget, calibration_set, log_kept_in_float
+from edgekd.stages.quantize import (
+    QAD_FILE,
+    accuracy_budget,
+    calibration_set,
+    log_kept_in_float,
+    may_run_qad,
+    qad_files,
+    qad_rung,
+)
 from edgekd.targets import Target, resolve_target
 
 
@@ -26,8 +39,18 @@ def _quantizes_itself(target: Target) -> bool:
     return BACKENDS.get(target.backend).quantizes_itself
 
 
+def _qad_onnx(ctx: RunContext) -> Path | None:
+    """The quantize stage's QAD model (QDQ ONNX for every backend), if it made one."""
+    outputs = ctx.results["quantize"].outputs if "quantize" in ctx.results else {}
+    if outputs.get("quantization", {}).get("tool", "").startswith("edgekd QAD"):
+        return ctx.run_dir / outputs["int8_onnx_file"]
+    return None
+
+
 def _onnx_for(ctx: RunContext, precision: str) -> Path | None:
     """Source ONNX: the QDQ model for int8 unless the backend quantises, else the export."""
+    if precision == "int8" and (qad := _qad_onnx(ctx)) is not None:
+        return qad
     if precision == "int8" and _quantizes_itself(ctx.target):
         return ctx.path("export", "onnx_file") if ctx.recipe.quantize.enabled else None
     if precision == "int8":
@@ -55,9 +78,9 @@ def check_readable_onnx(path: Path, made_by: str) -> None:
 def _config(recipe: Recipe) -> dict[str, Any]:
     """The target; for self-quantising backends also what selects calibration and budget frames."""
     target = resolve_target(recipe.target)
-    fields = ("target",)
+    fields: tuple[str, ...] = ("target",)
     if _quantizes_itself(target):
-        fields = ("target", "seed", "data", "quantize")
+        fields = ("target", "seed", "data", "quantize", *(("distill",) if may_run_qad(recipe) else ()))
     backend = BACKENDS.get(target.backend)
     if backend.builds_without_runtime:  # whether engines are built here changes the outputs
         return {
@@ -70,6 +93,8 @@ def _config(recipe: Recipe) -> dict[str, Any]:
 
 def _inputs(ctx: RunContext) -> list[Path]:
     paths = {_onnx_for(ctx, precision) for precision in ctx.target.precisions}
+    if _quantizes_itself(ctx.target) and ctx.recipe.quantize.max_accuracy_drop is not None:
+        paths.update(qad_files(ctx))  # the ladder's QAD rung reads the student and the teacher
     return sorted(path for path in paths if path is not None)
 
 
@@ -103,7 +128,10 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         onnx_path = _onnx_for(ctx, precision)
         if onnx_path is None:
             continue
-        if precision == "int8" and backend.quantizes_itself:
+        if precision == "int8" and backend.quantizes_itself and onnx_path == _qad_onnx(ctx):
+            quantization = ctx.results["quantize"].outputs["quantization"]
+            artifact = _openvino_from_qdq(ctx, onnx_path, stage_dir, quantization)
+        elif precision == "int8" and backend.quantizes_itself:
             artifact = backend.compile(
                 onnx_path, stage_dir, precision, calib=calibration_set(ctx), budget=accuracy_budget(ctx)
             )
@@ -114,12 +142,71 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
                     f"  INT8 drop {control['drop_after']:.4f} (budget {control['budget']['max_drop']}): "
                     f"{'met' if control['met'] else 'NOT met'}"
                 )
+                if not control["met"]:
+                    artifact = _qad_rung_for_openvino(ctx, stage_dir, artifact)
         else:
             artifact = backend.compile(onnx_path, stage_dir, precision, calib=None)
         record, names = _record(ctx, artifact)
         artifacts.append(record)
         files += names
     return {"target": target.to_dict(), "artifacts": artifacts, "artifact_files": files}
+
+
+def _openvino_from_qdq(
+    ctx: RunContext, onnx_path: Path, stage_dir: Path, quantization: dict[str, Any]
+) -> Artifact:
+    """OpenVINO IR of a QDQ ONNX model (Q/DQ pairs become FakeQuantize; OpenVINO runs them in INT8)."""
+    import openvino as ov
+
+    from edgekd.backends.openvino import _save_ir
+    from edgekd.hashing import sha256_file
+    from edgekd.quantize.nncf import kept_in_float
+
+    target = stage_dir / "student.int8.xml"
+    model = ov.convert_model(str(onnx_path))
+    quantization = {**quantization, "kept_in_float": kept_in_float(model)}
+    _save_ir(model, target, compress_to_fp16=False)
+    weights = target.with_suffix(".bin")
+    return Artifact(
+        target,
+        ctx.target.backend,
+        "int8",
+        {
+            "source": str(onnx_path),
+            "format": "OpenVINO IR",
+            "openvino_version": ov.get_version(),
+            "compress_to_fp16": False,
+            "quantization": quantization,
+            "companion_files": [str(weights)],
+            "size_bytes": target.stat().st_size + weights.stat().st_size,
+            "sha256": sha256_file(target),
+            "weights_sha256": sha256_file(weights),
+        },
+    )
+
+
+def _qad_rung_for_openvino(ctx: RunContext, stage_dir: Path, nncf_artifact: Artifact) -> Artifact:
+    """The ladder's last rung on OpenVINO: NNCF missed the budget, so QAD; its IR replaces NNCF's."""
+    budget = accuracy_budget(ctx)
+    assert budget is not None
+    control = nncf_artifact.metadata["quantization"]["accuracy_control"]
+    ctx.log(f"  NNCF misses quantize.max_accuracy_drop={budget.max_drop}: quantisation-aware distillation")
+    info, rung = qad_rung(ctx, stage_dir / QAD_FILE, calibration_set(ctx), budget, control["fp32_accuracy"])
+    nncf_rung = {
+        "rung": "nncf_accuracy_control",
+        "file": None,
+        "accuracy": control["int8_accuracy"],
+        "drop": control["drop_after"],
+        "met": False,
+        "latency_ms": None,
+        "seconds": None,
+    }
+    info["ladder"] = [nncf_rung, rung]
+    info["nncf_quantization"] = nncf_artifact.metadata["quantization"]
+    info["accuracy_control"] = {**control, "met": rung["met"], "drop_after": rung["drop"], "rung": "qad"}
+    for stale in (nncf_artifact.path, nncf_artifact.path.with_suffix(".bin")):
+        stale.unlink(missing_ok=True)
+    return _openvino_from_qdq(ctx, stage_dir / QAD_FILE, stage_dir, info)
 
 
 STAGE = Stage("compile", _run, _config, _inputs)

@@ -2,6 +2,9 @@
 
 The teacher is the teacher stage's file: an edgekd checkpoint, or ``teacher.onnx`` for an
 ``onnx:`` teacher (run by ONNX Runtime; its outputs go through the teacher cache like any other's).
+
+With ``distill.world_size > 1`` the student trains on that many processes (:mod:`edgekd.distributed`):
+rank 0 builds the teacher cache and every rank memory-maps it; rank 0 alone writes the student.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from typing import Any
 
 import torch
 
+from edgekd import distributed
 from edgekd.data.augment import augmentation_bank
 from edgekd.data.base import hide_labels
 from edgekd.distill.methods import build_method, resolved_options
 from edgekd.distill.outputs import probe_shape
-from edgekd.distill.teacher_cache import cache_key, cached_teacher_outputs
+from edgekd.distill.teacher_cache import cache_key, shared_teacher_outputs
 from edgekd.distill.trainer import train
 from edgekd.hashing import sha256_file
 from edgekd.models import build_model, model_source_files
@@ -90,7 +94,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     if spec.teacher_cache and (method.uses_teacher_cache or method.needs_teacher_dataset):
         key = cache_key(sha256_file(teacher_file), meta.fingerprint, augment)
         cache_dir = recipe.runs_dir.parent / "cache" / "teacher"
-        teacher_outputs, hit = cached_teacher_outputs(teacher, train_set.x, cache_dir, key, bank, log=ctx.log)
+        teacher_outputs, hit = shared_teacher_outputs(teacher, train_set.x, cache_dir, key, bank, log=ctx.log)
         cache_info = {"enabled": True, "used": method.uses_teacher_cache, "hit": hit, "key": key}
         ctx.log(f"  teacher outputs {'reused from' if hit else 'computed into'} cache {key}")
 
@@ -111,12 +115,13 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         stage="distill",
         lr_field="distill.train.lr",
     )
-    save_checkpoint(
-        stage_dir / MODEL_FILE,
-        student,
-        recipe.student.model,
-        {"data_fingerprint": meta.fingerprint, "method": spec.method},
-    )
+    if distributed.is_main():  # under torch.distributed, rank 0 alone writes
+        save_checkpoint(
+            stage_dir / MODEL_FILE,
+            student,
+            recipe.student.model,
+            {"data_fingerprint": meta.fingerprint, "method": spec.method},
+        )
     best = result.best
     return {
         "model_file": str((stage_dir / MODEL_FILE).relative_to(ctx.run_dir)),
@@ -141,6 +146,8 @@ def _config(recipe: Recipe) -> dict[str, Any]:
     """The stage's recipe slice, with only the chosen method's options (defaults filled in)."""
     config = recipe_fields("seed", "data", "student", "distill")(recipe)
     config["distill"]["options"] = resolved_options(recipe.distill)
+    if config["distill"]["world_size"] == 1:  # one process: the fingerprint it always had
+        del config["distill"]["world_size"]
     teacher = recipe.teacher
     if teacher.kwargs or teacher.hint_layers is not None:  # they shape the teacher this stage builds
         config["teacher"] = {"kwargs": teacher.kwargs, "hint_layers": teacher.hint_layers}

@@ -6,6 +6,10 @@ run with the same model, training settings, seed and data loads it from there in
 
 An ``onnx:FILE`` teacher is copied into the stage directory as ``teacher.onnx`` (what later stages
 read) and its validation accuracy is measured through ONNX Runtime.
+
+With ``distill.world_size > 1`` the teacher trains on that many processes (:mod:`edgekd.distributed`):
+the store lookup and the accuracy are decided on rank 0, which alone writes the checkpoint and
+publishes it; the world size is part of the stage fingerprint and of the store key.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Any
 
 import torch
 
-from edgekd import atomic
+from edgekd import atomic, distributed
 from edgekd.distill import teacher_store
 from edgekd.distill.methods import ModelShape, build_method
 from edgekd.distill.trainer import predict_accuracy, train
+from edgekd.hashing import sha256_json
 from edgekd.models import build_model, model_source_files
 from edgekd.models.checkpoint import load_weights, save_checkpoint
 from edgekd.models.stats import count_flops, count_parameters
@@ -77,11 +82,10 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         hint_layers=spec.hint_layers,
     )
     history: list[dict[str, float]] = []
-    key = (
-        None if spec.checkpoint is not None else teacher_store.store_key(ctx.recipe, model, meta.fingerprint)
-    )
+    key = None if spec.checkpoint is not None else _store_key(ctx.recipe, model, meta.fingerprint)
     reuse = spec.store and "teacher" not in ctx.forced  # --force teacher trains afresh
-    stored = teacher_store.find(teacher_store.store_dir(ctx.recipe), key) if key and reuse else None
+    root = teacher_store.store_dir(ctx.recipe)
+    stored = distributed.decide(lambda: teacher_store.find(root, key)) if key and reuse else None
     if spec.checkpoint is not None:
         load_weights(model, spec.checkpoint, spec.model)
         origin = str(spec.checkpoint)
@@ -110,21 +114,27 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         )
         history = result.history
         origin = "trained here on labels"
-    save_checkpoint(stage_dir / MODEL_FILE, model, spec.model, {"data_fingerprint": meta.fingerprint})
-    if key is not None and stored is None and spec.store:
-        record = {"run": ctx.recipe.name, "model": spec.model, "history": history}
-        teacher_store.publish(
-            teacher_store.store_dir(ctx.recipe), key, stage_dir / MODEL_FILE, record, ctx.log
-        )
+    if distributed.is_main():  # under torch.distributed, rank 0 alone writes
+        save_checkpoint(stage_dir / MODEL_FILE, model, spec.model, {"data_fingerprint": meta.fingerprint})
+        if key is not None and stored is None and spec.store:
+            record = {"run": ctx.recipe.name, "model": spec.model, "history": history}
+            teacher_store.publish(root, key, stage_dir / MODEL_FILE, record, ctx.log)
     return {
         "model_file": str((stage_dir / MODEL_FILE).relative_to(ctx.run_dir)),
         "model": spec.model,
         "origin": origin,
         "params": count_parameters(model),
         "flops": count_flops(model, meta.input_shape),
-        "val_accuracy": round(predict_accuracy(model, val_set), 5),
+        "val_accuracy": round(distributed.decide(lambda: predict_accuracy(model, val_set)), 5),
         "history": history,
     }
+
+
+def _store_key(recipe: Recipe, model: torch.nn.Module, data_fingerprint: str) -> str:
+    """The teacher-store key; a teacher trained on several processes is keyed by their number too."""
+    key = teacher_store.store_key(recipe, model, data_fingerprint)
+    world = recipe.distill.world_size
+    return key if world == 1 else sha256_json({"key": key, "world_size": world})[:24]
 
 
 def _config(recipe: Recipe) -> dict[str, Any]:
@@ -132,6 +142,8 @@ def _config(recipe: Recipe) -> dict[str, Any]:
     what they are (a stored teacher is the one this stage would train)."""
     config = recipe_fields("seed", "data", "teacher")(recipe)
     config["teacher"].pop("store")
+    if recipe.distill.world_size > 1:  # trained on that many processes (one: the key it always had)
+        config["world_size"] = recipe.distill.world_size
     return config
 
 

@@ -66,3 +66,8 @@ def not_a_module(num_classes: int) -> dict:
 def wrong_width(num_classes: int) -> nn.Module:
     """A model whose output width is not the data's number of classes."""
     return SequenceNet(num_classes + 3)
+
+
+def linear(num_classes: int, in_features: int = 256) -> nn.Module:
+    """One linear layer on the flattened input: a model with a single node to quantise."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))

@@ -1,0 +1,459 @@
+"""Quantisation-aware distillation (QAD): the fake-quantised student fine-tuned against the teacher.
+
+QAT (Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference", CVPR 2018) trains through simulated INT8 with the straight-through estimator (Bengio et
+al., 2013); QAD replaces its label loss by distillation from the FP32 teacher (Mishra & Marr,
+"Apprentice", ICLR 2018; NVIDIA ModelOpt's QAD recipe). Decisions, each measured or argued:
+
+- **Starting point = PTQ.** BatchNorm is folded into the preceding Conv/Linear (eval statistics), then
+  every Conv1d/Conv2d/Linear gets fake quantisers: its activation input symmetric INT8 per tensor
+  (zero point 0, range from the *same* calibration frames and the same min/max rule as the PTQ rung)
+  and its weight symmetric INT8 per output channel (zero point 0; per tensor with
+  ``quantize.per_channel: false``). That is TensorRT's explicit-quantisation placement (Q/DQ on the
+  inputs of weighted layers, biases in float), which ONNX Runtime and OpenVINO also run. Step 0 of
+  QAD is therefore a PTQ model, and its accuracy is recorded beside the fine-tuned one.
+- **Loss.** The loss of ``distill.method`` when it is a logit method (kd, dkd, skd, ... : teacher
+  logits only, from the teacher cache when one exists), otherwise Hinton KD; plus CE on the labels
+  (added once, on top of any label term the method has, to anchor the quantised argmax).
+- **Ranges: activation ranges frozen, weight ranges follow the weights.** Activation scales stay at
+  their calibrated values (QAD starts from the PTQ ranges, learning them (LSQ) needs a learnable
+  fake-quant op the ONNX exporter does not map to QuantizeLinear, and a few epochs at a small learning
+  rate barely move the activation statistics); weight scales are recomputed from each step's weights
+  (max |w| / 127 per channel) and frozen for export, so no weight is ever clipped.
+- **Implementation: core ``torch.fake_quantize_per_{tensor,channel}_affine`` ops with STE**, exported
+  by the TorchScript ONNX exporter, which maps each one to a QuantizeLinear/DequantizeLinear pair with
+  constant INT8 zero points: the exported model is bit-for-bit the trained one up to float summation
+  order. torchao's PT2E QAT (torchao 0.18.0 is on PyPI for torch 2.14) needs a ``torch.export``
+  capture of the student and a second (dynamo) ONNX export of the converted graph; the core ops
+  give the same QDQ graph with fewer moving parts.
+- **Parity gates** (:func:`parity_gate`): the ONNX artifact (ONNX Runtime) vs the fake-quant PyTorch
+  model on held-out frames: top-1 agreement >= 99 % and the 99th percentile of |logit difference|
+  within one quantisation step of the logits (max |logit| / 127); a failure is a QuantizeError.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekd.atomic import atomic_path
+from edgekd.errors import QuantizeError, first_line
+
+QMIN, QMAX = -128, 127
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+MIN_AGREEMENT = 0.99
+EVAL_BATCH = 256
+QAD_EXPORT_OPSET = 18
+
+
+class FakeQuantLayer(nn.Module):
+    """A Conv1d/Conv2d/Linear with symmetric INT8 fake quantisation of its input and its weight.
+
+    ``act_scale``: per-tensor input scale (calibrated, then frozen). Weight scales are max |w| / 127
+    per output channel (or per tensor), recomputed every forward pass until :meth:`freeze` stores them.
+    The forward pass uses the straight-through estimator of ``torch.fake_quantize_*`` (gradients pass
+    where the value is inside the INT8 range).
+    """
+
+    def __init__(self, layer: nn.Module, per_channel: bool) -> None:
+        super().__init__()
+        self.layer = layer
+        self.per_channel = per_channel
+        self.observing = False
+        self.register_buffer("act_amax", torch.zeros(()))
+        self.register_buffer("act_scale", torch.ones(()))
+        channels = layer.weight.shape[0] if per_channel else 1
+        self.register_buffer("weight_scale", torch.ones(channels))
+        self.frozen = False
+
+    def _current_weight_scale(self) -> torch.Tensor:
+        weight = self.layer.weight.detach()
+        amax = weight.abs().flatten(1).amax(dim=1) if self.per_channel else weight.abs().amax().reshape(1)
+        return (amax / QMAX).clamp_min(1e-12)
+
+    def freeze(self) -> None:
+        """Fix the weight scales to the current weights' (what the exported Q/DQ nodes hold)."""
+        self.weight_scale.copy_(self._current_weight_scale())
+        self.frozen = True
+
+    def quantized_weight(self) -> torch.Tensor:
+        scale = self.weight_scale if self.frozen else self._current_weight_scale()
+        if self.per_channel:
+            zero = torch.zeros(scale.shape, dtype=torch.int32)
+            return torch.fake_quantize_per_channel_affine(self.layer.weight, scale, zero, 0, QMIN, QMAX)
+        return torch.fake_quantize_per_tensor_affine(
+            self.layer.weight, scale[0], torch.zeros((), dtype=torch.int32), QMIN, QMAX
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.act_amax.copy_(torch.maximum(self.act_amax, x.detach().abs().amax()))
+            return self.layer(x)
+        x = torch.fake_quantize_per_tensor_affine(
+            x, self.act_scale, torch.zeros((), dtype=torch.int32), QMIN, QMAX
+        )
+        weight = self.quantized_weight()
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, self.layer.bias)
+        return self.layer._conv_forward(x, weight, self.layer.bias)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _bn_replacement(bn: nn.Module) -> nn.Module:
+    """What is left of a BatchNorm once folded: nothing, or timm's fused activation (BatchNormAct)."""
+    rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
+    return nn.Sequential(*rest) if rest else nn.Identity()
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]:
+    """``model`` (a copy) with every BatchNorm that directly consumes a Conv/Linear output folded into it.
+
+    Pairs are found by running ``example`` and matching tensors (a BN whose input *is* a layer's
+    output); the folded copy must give the same logits (else the original is returned, 0 folded).
+    Returns the model and the number of folded BatchNorms.
+    """
+    model = copy.deepcopy(model).eval()
+    produced: dict[int, str] = {}
+    keep: list[torch.Tensor] = []  # keeps the tensors alive so their ids stay unique
+    calls: dict[str, int] = {}
+    pairs: list[tuple[str, str]] = []
+    modules = dict(model.named_modules())
+    handles = []
+    for name, module in modules.items():
+        if isinstance(module, WEIGHTED):
+
+            def after(_m: nn.Module, _i: Any, out: torch.Tensor, name: str = name) -> None:
+                calls[name] = calls.get(name, 0) + 1
+                produced[id(out)] = name
+                keep.append(out)
+
+            handles.append(module.register_forward_hook(after))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+
+            def before(_m: nn.Module, inputs: tuple[Any, ...], name: str = name) -> None:
+                calls[name] = calls.get(name, 0) + 1
+                if inputs and id(inputs[0]) in produced:
+                    pairs.append((produced[id(inputs[0])], name))
+
+            handles.append(module.register_forward_pre_hook(before))
+    try:
+        reference = model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    folded = 0
+    original = copy.deepcopy(model)
+    for layer_name, bn_name in pairs:
+        layer, bn = modules[layer_name], modules[bn_name]
+        if calls.get(layer_name) != 1 or calls.get(bn_name) != 1 or not bn.track_running_stats:
+            continue
+        if bn.running_mean is None or bn.num_features != layer.weight.shape[0]:
+            continue
+        scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
+            bn.running_var + bn.eps
+        )
+        shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        layer.weight.mul_(scale.reshape(-1, *[1] * (layer.weight.ndim - 1)))
+        layer.bias = nn.Parameter(bias * scale + shift)
+        _set_module(model, bn_name, _bn_replacement(bn))
+        folded += 1
+    if folded:
+        out = model(example)
+        tolerance = 1e-3 * max(1.0, float(reference.abs().max()))
+        if out.shape != reference.shape or float((out - reference).abs().max()) > tolerance:
+            return original, 0
+    return model, folded
+
+
+def attach_fake_quant(model: nn.Module, per_channel: bool) -> list[FakeQuantLayer]:
+    """Wrap every Conv1d/Conv2d/Linear of ``model`` in place; returns the wrappers."""
+    names = [name for name, module in model.named_modules() if isinstance(module, WEIGHTED)]
+    wrappers = []
+    for name in names:
+        wrapper = FakeQuantLayer(model.get_submodule(name), per_channel)
+        _set_module(model, name, wrapper)
+        wrappers.append(wrapper)
+    return wrappers
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, wrappers: list[FakeQuantLayer], frames: np.ndarray, batch: int = 64) -> None:
+    """Activation scales = max |input| / 127 of each wrapped layer over ``frames`` (symmetric min/max)."""
+    model.eval()
+    for wrapper in wrappers:
+        wrapper.observing = True
+        wrapper.act_amax.zero_()
+    try:
+        for start in range(0, len(frames), batch):
+            model(torch.from_numpy(np.ascontiguousarray(frames[start : start + batch])))
+    finally:
+        for wrapper in wrappers:
+            wrapper.observing = False
+    for wrapper in wrappers:
+        wrapper.act_scale.copy_((wrapper.act_amax / QMAX).clamp_min(1e-8))
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, x: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
+    model.eval()
+    return np.concatenate(
+        [
+            model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch]))).numpy()
+            for i in range(0, len(x), batch)
+        ]
+    )
+
+
+@dataclass
+class QadData:
+    """What fine-tuning reads: frames, labels (-1: unlabelled) and the teacher's logits for them."""
+
+    x: np.ndarray
+    y: np.ndarray
+    teacher_logits: np.ndarray
+
+
+def is_logit_method(method_cls: type) -> bool:
+    """A method whose loss needs only the teacher's logits per sample (so the teacher cache serves it)."""
+    return bool(
+        method_cls.needs_teacher
+        and not method_cls.needs_features
+        and not method_cls.needs_feature_maps
+        and not method_cls.mixes_inputs
+        and not method_cls.needs_teacher_dataset
+        and method_cls.held_out_fraction == 0
+    )
+
+
+def qad_loss_method(spec: Any, classes: int, feature_dim: int) -> tuple[nn.Module, str]:
+    """The recipe's method when it is a logit method, else Hinton KD; and its name."""
+    from edgekd.distill.methods import METHODS, ModelShape, build_method
+
+    name = spec.method if is_logit_method(METHODS.get(spec.method)) else "kd"
+    shape = ModelShape(feature_dim)
+    return build_method(spec.model_copy(update={"method": name}), classes, shape, shape), name
+
+
+def fine_tune(
+    model: nn.Module,
+    method: nn.Module,
+    data: QadData,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, float]]:
+    """AdamW on the fake-quantised ``model`` (eval mode: BN statistics and dropout frozen), cosine LR.
+
+    Loss per batch: ``method.loss`` (student vs cached teacher logits) + CE on labelled rows.
+    Returns the mean loss per epoch.
+    """
+    from edgekd.distill.methods import ModelOutputs, label_ce
+
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad] + list(method.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps_per_epoch = max(1, math.ceil(len(data.x) / batch_size))
+    steps = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    )
+    model.eval()
+    history, step = [], 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(data.x), generator=generator).numpy()
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            rows = np.sort(order[start : start + batch_size])
+            x = torch.from_numpy(np.ascontiguousarray(data.x[rows]))
+            y = torch.from_numpy(np.asarray(data.y[rows], dtype=np.int64))
+            teacher = ModelOutputs(torch.from_numpy(np.asarray(data.teacher_logits[rows], dtype=np.float32)))
+            student = ModelOutputs(model(x))
+            state = {"epoch": epoch, "epochs": epochs, "step": step, "steps": steps}
+            loss = method.loss(student, teacher, y, state) + label_ce(student.logits, y)
+            if not torch.isfinite(loss):
+                raise QuantizeError(
+                    f"QAD diverged at epoch {epoch + 1} (loss {float(loss)}); "
+                    f"lower quantize.qad_lr (now {lr})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(rows)
+            step += 1
+        history.append({"epoch": epoch + 1, "loss": round(total / len(order), 6)})
+        log(f"  QAD epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f}")
+    return history
+
+
+def export_qdq(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> dict[str, Any]:
+    """The fake-quantised ``model`` (weight scales frozen) as one QDQ ONNX file (TorchScript exporter).
+
+    Each fake quantiser becomes QuantizeLinear → DequantizeLinear with a constant scale and an INT8
+    zero point 0; biases stay float. The batch axis is dynamic.
+    """
+    import warnings
+
+    import onnx
+
+    from edgekd.export.onnx import INPUT_NAME, OUTPUT_NAME
+
+    for module in model.modules():
+        if isinstance(module, FakeQuantLayer):
+            module.freeze()
+    model.eval()
+    example = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0))
+    try:
+        with atomic_path(path) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=QAD_EXPORT_OPSET,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                dynamo=False,
+            )
+            onnx.checker.check_model(str(tmp))
+    except QuantizeError:
+        raise
+    except Exception as exc:
+        raise QuantizeError(
+            f"cannot export the QAD model {type(model).__name__} to QDQ ONNX: {type(exc).__name__}: "
+            f"{first_line(exc, '')}; set quantize.mode: ptq"
+        ) from exc
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    return {
+        "exporter": f"torch.onnx.export (TorchScript) torch {torch.__version__}",
+        "opset": QAD_EXPORT_OPSET,
+        "quantize_linear_nodes": ops.count("QuantizeLinear"),
+        "dequantize_linear_nodes": ops.count("DequantizeLinear"),
+        "size_bytes": path.stat().st_size,
+    }
+
+
+def onnx_logits(path: Path, x: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def parity_gate(torch_out: np.ndarray, onnx_out: np.ndarray, where: str) -> dict[str, Any]:
+    """Gate the ONNX artifact against the fake-quant PyTorch model; QuantizeError naming the numbers.
+
+    Passes when top-1 agreement >= 99 % and the 99th percentile of |logit difference| is within one
+    quantisation step of the logits (max |logit| / 127 of the PyTorch model).
+    """
+    agreement = float(np.mean(torch_out.argmax(axis=1) == onnx_out.argmax(axis=1)))
+    diff = np.abs(torch_out.astype(np.float64) - onnx_out.astype(np.float64))
+    step = float(np.abs(torch_out).max()) / QMAX
+    p99 = float(np.percentile(diff, 99))
+    record = {
+        "frames": len(torch_out),
+        "top1_agreement": round(agreement, 6),
+        "min_top1_agreement": MIN_AGREEMENT,
+        "logit_abs_diff_p99": p99,
+        "logit_abs_diff_max": float(diff.max()),
+        "quantisation_step": step,
+        "passed": agreement >= MIN_AGREEMENT and p99 <= step,
+    }
+    if not record["passed"]:
+        raise QuantizeError(
+            f"{where}: QAD parity gate failed: ONNX vs fake-quant PyTorch top-1 agreement {agreement:.2%} "
+            f"(need >= {MIN_AGREEMENT:.0%}), p99 |logit diff| {p99:.4g} vs one quantisation step "
+            f"{step:.4g} on {len(torch_out)} held-out frames; set quantize.mode: ptq and report this model"
+        )
+    return record
+
+
+def quantisation_aware_distillation(
+    student: nn.Module,
+    input_shape: tuple[int, ...],
+    calibration: np.ndarray,
+    data: QadData,
+    method: nn.Module,
+    out_path: Path,
+    held_out: np.ndarray,
+    *,
+    per_channel: bool,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    score: Callable[[nn.Module], float] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Fold BN, fake-quantise, calibrate on ``calibration``, fine-tune, export the QDQ ONNX, gate it.
+
+    ``score`` (optional): accuracy of a fake-quant model, recorded before (the PTQ start) and after.
+    Returns the record (what was done, the history, the parity gate, the TensorRT rule check).
+    """
+    from edgekd.quantize.qdq_rules import tensorrt_qdq_violations
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    example = torch.from_numpy(np.ascontiguousarray(calibration[: min(8, len(calibration))]))
+    model, folded = fold_batchnorm(student, example)
+    wrappers = attach_fake_quant(model, per_channel)
+    if not wrappers:
+        raise QuantizeError(
+            f"QAD: {type(student).__name__} has no Conv1d/Conv2d/Linear layer to quantise; "
+            "set quantize.mode: ptq"
+        )
+    calibrate(model, wrappers, calibration)
+    start_accuracy = score(model) if score is not None else None
+    history = fine_tune(model, method, data, epochs, lr, batch_size, seed, log) if epochs else []
+    tuned_accuracy = score(model) if score is not None else None
+    export = export_qdq(model, input_shape, out_path)
+    parity = parity_gate(torch_logits(model, held_out), onnx_logits(out_path, held_out), str(out_path))
+    violations = tensorrt_qdq_violations(out_path, per_channel=per_channel)
+    return {
+        "format": "QDQ",
+        "tool": "edgekd QAD (torch.fake_quantize_* with STE)",
+        "weight_type": "QInt8",
+        "activation_type": "QInt8",
+        "per_channel": per_channel,
+        "method": "minmax",
+        "symmetric": True,
+        "symmetric_activations": True,
+        "zero_point": 0,
+        "ranges": "activations: calibrated min/max, frozen; weights: max |w| per channel, follow the weights",
+        "batchnorm_folded": folded,
+        "quantized_layers": len(wrappers),
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "train_frames": len(data.x),
+        "history": history,
+        "fake_quant_accuracy_start": start_accuracy,
+        "fake_quant_accuracy_tuned": tuned_accuracy,
+        "export": export,
+        "parity": parity,
+        "tensorrt_rules": {"violations": violations[:10], "complies": not violations},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
