@@ -91,6 +91,7 @@ def candidate_overrides(candidate: dict) -> list[str]:
     overrides = [
         f"data.frames_per_class_snr={candidate['frames_per_class_snr']}",
         f"teacher.train.epochs={candidate['teacher_epochs']}",
+        "teacher.checkpoint=null",  # these candidates train the teacher on the task's own data
         "distill.method=none",
     ]
     if "teacher_lr" in candidate:

@@ -99,9 +99,8 @@ def ship(trained: dict) -> Path:
 
 def measure(seed: int, runs_dir: Path) -> dict:
     """On the default task with ``seed``: the shipped teacher vs the student trained alone."""
-    recipe = load_recipe(
-        None, [f"runs_dir={runs_dir}", f"name=alone-s{seed}", f"seed={seed}", "distill.method=none"]
-    )
+    sets = [f"runs_dir={runs_dir}", f"name=alone-s{seed}", f"seed={seed}", "distill.method=none"]
+    recipe = load_recipe(None, [*sets, f"teacher.checkpoint={BUILTIN}"])
     train, val, meta = build_dataset(recipe.data, recipe.seed)
     start = time.perf_counter()
     outputs = compress(recipe, until="distill")
@@ -141,7 +140,7 @@ def main() -> None:
     try:
         if not args.measure_only:
             console.print(
-                f"training the teacher on {args.frames} frames per (class, SNR), {args.epochs} epochs"
+                f"training the teacher: {args.frames} frames per (class, SNR), {args.epochs} epochs"
             )
             console.print(f"shipped {ship(train_teacher(args.frames, args.epochs, runs_dir))}")
         provenance = json.loads(SHIPPED.with_suffix(".json").read_text(encoding="utf-8"))

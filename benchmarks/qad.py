@@ -34,7 +34,7 @@ from edgekd.console import console
 from edgekd.report.build import environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "qad.json"
-VISION = ["data.name=digits", "teacher.model=timm:resnet18", "distill.method=kd"]
+VISION = ["data.name=digits", "teacher.model=timm:resnet18", "teacher.checkpoint=null", "distill.method=kd"]
 CASES: dict[str, list[str]] = {
     "digits-efficientnet_b0-ort": [*VISION, "student.model=timm:efficientnet_b0", "target=x86-ort"],
     "digits-mobilenetv3-per-tensor-ort": [

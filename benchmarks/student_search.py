@@ -73,7 +73,7 @@ def _task(data: str, folder: Path | None, image_size: int) -> list[str]:
 
             folder = write_folder()
         task = ["data.name=imagefolder", f"data.path={folder.resolve()}"]
-    return [*task, f"data.image_size={image_size}", f"teacher.model={TEACHER}"]
+    return [*task, f"data.image_size={image_size}", f"teacher.model={TEACHER}", "teacher.checkpoint=null"]
 
 
 def _tau(proxy: list[float], accuracy: list[float]) -> dict[str, float | None]:

@@ -36,7 +36,7 @@ from edgekd.report.build import environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vision_int8.json"
 STUDENTS = ["timm:mobilenetv3_small_100", "timm:resnet10t", "timm:efficientnet_b0"]
-BASE = ["teacher.model=timm:resnet18", "distill.method=kd"]
+BASE = ["teacher.model=timm:resnet18", "teacher.checkpoint=null", "distill.method=kd"]
 TASKS = {
     "digits": lambda: ["data.name=digits"],
     "mnist-folder": lambda: ["data.name=imagefolder", f"data.path={write_folder()}"],

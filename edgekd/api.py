@@ -57,6 +57,7 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
 
     stages = STAGE_NAMES if until is None else STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     check_names(recipe)
+    check_builtin_teacher(recipe)
     if "remote" in stages:
         _check_device(recipe)
     roles = [("teacher", recipe.teacher)] + ([("student", recipe.student)] if "distill" in stages else [])
@@ -90,6 +91,25 @@ def _check_calibration(recipe: Recipe, stages: list[str], train_set: Any, meta: 
                 f"{meta.source}: the train split has {len(train_set)} frames, fewer than the "
                 f"quantize.min_calibration_samples = {quantize.min_calibration_samples} INT8 calibration "
                 "needs; use more data, lower quantize.min_calibration_samples or set quantize.enabled: false"
+            )
+
+
+def check_builtin_teacher(recipe: Recipe) -> None:
+    """A shipped teacher (``builtin:NAME``) fits only the model and data it was trained for; else one line."""
+    from edgekd.recipe import BUILTIN_PREFIX, BUILTIN_TEACHERS
+
+    checkpoint = recipe.teacher.checkpoint
+    if checkpoint is None or Path(checkpoint).parent != BUILTIN_TEACHERS:
+        return
+    trained = json.loads(Path(checkpoint).with_suffix(".json").read_text(encoding="utf-8"))
+    wanted = {"teacher.model": trained["model"], "data.name": trained["data"]["name"]}
+    have = {"teacher.model": recipe.teacher.model, "data.name": recipe.data.name}
+    for field, value in wanted.items():
+        if have[field] != value:
+            raise RecipeError(
+                f"teacher.checkpoint {BUILTIN_PREFIX}{Path(checkpoint).stem} is the shipped teacher for "
+                f"{field}={value}, not {have[field]}; set teacher.checkpoint: null (--set "
+                "teacher.checkpoint=null) to train a teacher on your data, or pass your own"
             )
 
 

@@ -95,9 +95,10 @@ class TeacherSpec(Section):
         None, description="module names whose outputs feature-map methods use (default: found automatically)"
     )
     checkpoint: Path | None = Field(
-        None,
+        "builtin:clst-radio-synthetic",
+        validate_default=True,
         description="trained teacher weights (.pt, .safetensors), or builtin:NAME for a teacher edgekd "
-        "ships (edgekd/teachers/); trained here when absent",
+        "ships (edgekd/teachers/; the default is the built-in radio task's ClST); null: trained here",
     )
     pretrained: bool = Field(False, description="timm models: start from the hub's pretrained weights")
     store: bool = Field(
@@ -300,6 +301,17 @@ class Recipe(Section):
     profile: ProfileSpec = Field(default_factory=ProfileSpec)
     bundle: BundleSpec = Field(default_factory=BundleSpec)
     device: DeviceSpec = Field(default_factory=DeviceSpec)
+
+    @model_validator(mode="after")
+    def _default_teacher_for_its_task_only(self) -> Recipe:
+        """The default teacher checkpoint (shipped for ClST on the built-in radio data) is dropped when
+        the recipe names another teacher model or dataset without setting ``teacher.checkpoint``: that
+        teacher is then trained on the labels. A checkpoint the recipe sets is kept (and checked)."""
+        defaults = (TeacherSpec.model_fields["model"].default, DataSpec.model_fields["name"].default)
+        unset = "checkpoint" not in self.teacher.model_fields_set
+        if unset and (self.teacher.model, self.data.name) != defaults:
+            self.teacher.checkpoint = None
+        return self
 
     @field_validator("name")
     @classmethod

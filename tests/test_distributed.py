@@ -157,6 +157,8 @@ TINY = [
     "--set",
     "teacher.store=false",
     "--set",
+    "teacher.checkpoint=null",  # trained here: the failure hook and resume act on the teacher's training
+    "--set",
     "distill.train.batch_size=64",
     "--set",
     "teacher.train.batch_size=64",

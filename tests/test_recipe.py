@@ -66,3 +66,22 @@ def test_missing_recipe_file(tmp_path: Path):
 def test_bad_override_syntax():
     with pytest.raises(RecipeError, match="FIELD=VALUE"):
         load_recipe(None, ["distill.epochs"])
+
+
+def test_the_shipped_teacher_is_the_default_only_for_its_own_task():
+    from edgekd.api import check_builtin_teacher
+    from edgekd.errors import RecipeError
+    from edgekd.recipe import BUILTIN_TEACHERS
+
+    shipped = BUILTIN_TEACHERS / "clst-radio-synthetic.safetensors"
+    assert shipped.is_file() and shipped.with_suffix(".json").is_file()
+    assert load_recipe().teacher.checkpoint == shipped
+    assert load_recipe(None, ["data.frames_per_class_snr=2"]).teacher.checkpoint == shipped
+    assert load_recipe(None, ["data.name=digits"]).teacher.checkpoint is None  # trained on the labels
+    assert load_recipe(None, ["teacher.model=timm:resnet18"]).teacher.checkpoint is None
+    assert load_recipe(None, ["teacher.checkpoint=null"]).teacher.checkpoint is None
+    explicit = load_recipe(None, ["data.name=digits", "teacher.checkpoint=builtin:clst-radio-synthetic"])
+    with pytest.raises(RecipeError, match=r"shipped teacher for data.name=radio-synthetic, not digits"):
+        check_builtin_teacher(explicit)
+    with pytest.raises(RecipeError, match=r"no shipped teacher 'nope'; shipped: clst-radio-synthetic"):
+        load_recipe(None, ["teacher.checkpoint=builtin:nope"])

@@ -333,7 +333,13 @@ def test_resume_from_latest_and_a_damaged_latest_is_ignored(tmp_path: Path):
 
 # ------------------------------------------------ the real teacher and distill stages, via the API
 
-TINY = ["data.frames_per_class_snr=2", "teacher.train.epochs=2", "distill.train.epochs=2"]
+# The teacher is trained here (not the shipped one): these tests follow its training and checkpoints.
+TINY = [
+    "data.frames_per_class_snr=2",
+    "teacher.checkpoint=null",
+    "teacher.train.epochs=2",
+    "distill.train.epochs=2",
+]
 
 
 def _compress(tmp_path: Path, *overrides: str, force=None, until="distill"):
