@@ -272,8 +272,10 @@ def compress(
         "distill.method": method,
         "teacher.train.epochs": epochs,
         "distill.train.epochs": epochs,
-        "data.name": data,
         "name": name or ("python-api" if objects_given and recipe is None else None),
+        # named before the recipe is built, so that its default (shipped) teacher is dropped for them
+        "teacher.model": teacher if isinstance(teacher, str) else None,
+        "data.name": data or ("npz" if train is not None else None),
     }
     resolved = _recipe(recipe, overrides, flags)
     if teacher is not None:
