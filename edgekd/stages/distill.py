@@ -28,6 +28,7 @@ from edgekd.models.sources import is_onnx, refuse_feature_maps
 from edgekd.models.stats import count_flops, count_parameters
 from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
 from edgekd.recipe import Recipe
+from edgekd.stages.teacher import trained_teacher
 from edgekd.threads import apply_training_threads
 
 MODEL_FILE = "student.pt"
@@ -51,21 +52,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     teacher_file = ctx.path("teacher", "model_file")
     if is_onnx(teacher_name):
         refuse_feature_maps(spec.method, teacher_name)
-        teacher = build_model(
-            f"onnx:{teacher_file}", classes, channels, role="teacher", input_shape=meta.input_shape
-        )
-    else:
-        teacher = build_model(
-            teacher_name,
-            num_classes=classes,
-            in_channels=channels,
-            role="teacher",
-            input_shape=meta.input_shape,
-            kwargs=recipe.teacher.kwargs,
-            hint_layers=recipe.teacher.hint_layers,
-        )
-        load_weights(teacher, teacher_file, teacher_name)
-    teacher.requires_grad_(False)
+    teacher = trained_teacher(ctx)
     torch.manual_seed(recipe.seed)  # the student's and the method's initial weights follow the seed
     student = build_model(
         recipe.student.model,

@@ -31,6 +31,7 @@ from edgekd.quantize.calibration import CalibrationSet
 from edgekd.quantize.ort import quantize_static_int8
 from edgekd.quantize.ort_accuracy import ort_accuracy, ort_latency_ms, quantize_within_budget
 from edgekd.recipe import Recipe
+from edgekd.stages.teacher import trained_teacher
 
 INT8_FILE = "student.int8.onnx"
 QAD_FILE = "student.qad.int8.onnx"
@@ -219,32 +220,6 @@ def _run_qad_mode(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     }
 
 
-def load_teacher(ctx: RunContext) -> Any:
-    """The teacher stage's model (an edgekd checkpoint, or ONNX run by ONNX Runtime), frozen."""
-    from edgekd.models import build_model
-    from edgekd.models.checkpoint import load_weights
-    from edgekd.models.sources import is_onnx
-
-    recipe, meta = ctx.recipe, ctx.dataset[2]
-    name, file = ctx.output("teacher", "model"), ctx.path("teacher", "model_file")
-    classes, channels = len(meta.classes), meta.input_shape[0]
-    if is_onnx(name):
-        teacher = build_model(f"onnx:{file}", classes, channels, role="teacher", input_shape=meta.input_shape)
-    else:
-        teacher = build_model(
-            name,
-            num_classes=classes,
-            in_channels=channels,
-            role="teacher",
-            input_shape=meta.input_shape,
-            kwargs=recipe.teacher.kwargs,
-            hint_layers=recipe.teacher.hint_layers,
-        )
-        load_weights(teacher, file, name)
-    teacher.requires_grad_(False)
-    return teacher.eval()
-
-
 def qad_lr(recipe: Recipe) -> float:
     return recipe.quantize.qad_lr or recipe.distill.train.lr / 30
 
@@ -271,7 +246,7 @@ def qad_rung(
     apply_training_threads(ctx.log)
     train_set, val_set, meta = ctx.dataset
     student = load_student(ctx)
-    teacher = load_teacher(ctx)
+    teacher = trained_teacher(ctx).eval()
     labelled = hide_labels(train_set, recipe.distill.label_fraction, recipe.seed)
     rows = np.setdiff1d(np.arange(len(train_set)), _budget_indices(ctx))  # never the budget's frames
     if recipe.distill.teacher_cache:

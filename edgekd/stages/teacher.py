@@ -137,6 +137,28 @@ def _store_key(recipe: Recipe, model: torch.nn.Module, data_fingerprint: str) ->
     return key if world == 1 else sha256_json({"key": key, "world_size": world})[:24]
 
 
+def trained_teacher(ctx: RunContext) -> torch.nn.Module:
+    """The teacher this stage produced (its checkpoint, or its ONNX copy run by ONNX Runtime), frozen."""
+    _, _, meta = ctx.dataset
+    name, file = ctx.output("teacher", "model"), ctx.path("teacher", "model_file")
+    classes, channels = len(meta.classes), meta.input_shape[0]
+    if name.startswith("onnx:"):
+        teacher = build_model(f"onnx:{file}", classes, channels, role="teacher", input_shape=meta.input_shape)
+    else:
+        spec = ctx.recipe.teacher
+        teacher = build_model(
+            name,
+            num_classes=classes,
+            in_channels=channels,
+            role="teacher",
+            input_shape=meta.input_shape,
+            kwargs=spec.kwargs,
+            hint_layers=spec.hint_layers,
+        )
+        load_weights(teacher, file, name)
+    return teacher.requires_grad_(False)
+
+
 def _config(recipe: Recipe) -> dict[str, Any]:
     """The stage's recipe slice, without ``teacher.store``: it says where the weights come from, not
     what they are (a stored teacher is the one this stage would train)."""
