@@ -198,7 +198,7 @@ def prepare_run_dir(run_dir: Path) -> None:
     """Create the run directory, or fail with one line if it cannot be written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test-{os.getpid()}"  # per process: ranks of one run probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

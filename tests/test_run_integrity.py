@@ -430,7 +430,8 @@ def test_killed_teacher_resumes_and_its_leftover_temporary_file_is_removed(tmp_p
     from tests.test_cli import EDGEKD
 
     args = [*EDGEKD, "compress", "--until", "teacher", "--name", "k", "--set", f"runs_dir={tmp_path}",
-            "--set", "data.frames_per_class_snr=2", "--set", "teacher.train.epochs=30"]  # fmt: skip
+            "--set", "data.frames_per_class_snr=2", "--set", "teacher.train.epochs=30",
+            "--set", "teacher.checkpoint=null"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stage_dir = tmp_path / "k" / "01-teacher"
