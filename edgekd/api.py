@@ -95,22 +95,19 @@ def _check_calibration(recipe: Recipe, stages: list[str], train_set: Any, meta: 
 
 
 def check_builtin_teacher(recipe: Recipe) -> None:
-    """A shipped teacher (``builtin:NAME``) fits only the model and data it was trained for; else one line."""
-    from edgekd.recipe import BUILTIN_PREFIX, BUILTIN_TEACHERS
+    """A shipped teacher (``builtin:NAME``) fits only the model and data its JSON names
+    (:func:`edgekd.teachers.task_of`); for another task, one line."""
+    from edgekd import teachers
 
-    checkpoint = recipe.teacher.checkpoint
-    if checkpoint is None or Path(checkpoint).parent != BUILTIN_TEACHERS:
-        return
-    trained = json.loads(Path(checkpoint).with_suffix(".json").read_text(encoding="utf-8"))
-    wanted = {"teacher.model": trained["model"], "data.name": trained["data"]["name"]}
-    have = {"teacher.model": recipe.teacher.model, "data.name": recipe.data.name}
-    for field, value in wanted.items():
-        if have[field] != value:
-            raise RecipeError(
-                f"teacher.checkpoint {BUILTIN_PREFIX}{Path(checkpoint).stem} is the shipped teacher for "
-                f"{field}={value}, not {have[field]}; set teacher.checkpoint: null (--set "
-                "teacher.checkpoint=null) to train a teacher on your data, or pass your own"
-            )
+    name = teachers.shipped_name(recipe.teacher.checkpoint)
+    differs = None if name is None else teachers.mismatch(name, recipe.teacher.model, recipe.data.name)
+    if differs is not None:
+        field, value, have = differs
+        raise RecipeError(
+            f"teacher.checkpoint {teachers.PREFIX}{name} is the shipped teacher for {field}={value}, not "
+            f"{have}; set teacher.checkpoint: null (--set teacher.checkpoint=null) to train a teacher on "
+            "your data, or pass your own"
+        )
 
 
 @contextmanager
@@ -251,6 +248,7 @@ def finished_run(run_dir: Path, until: str) -> RunContext:
         stage_dir = run_dir / stage_dir_name(index, stage)
         record_file = stage_dir / STAGE_FILE
         if not record_file.is_file():
+            _refuse_old_layout(run_dir, recipe.mode, stage.name, stage_dir)
             raise RecipeError(f"{run_dir}: stage {stage.name} has not finished ({record_file} is missing)")
         record, why = read_record(record_file)
         why = f"{STAGE_FILE} {why}" if record is None else verify_outputs(record, run_dir, stage_dir)
@@ -263,6 +261,20 @@ def finished_run(run_dir: Path, until: str) -> RunContext:
             stage.name, record["outputs"], record["fingerprint"], record["wall_s"], True, record_file
         )
     return ctx
+
+
+def _refuse_old_layout(run_dir: Path, mode: str, stage: str, stage_dir: Path) -> None:
+    """One line when the run's folders follow an older stage order (before profile moved ahead of
+    bundle, ``06-bundle/`` and ``07-profile/``): the stage's folder is missing, under another number."""
+    from edgekd.errors import OutputError
+
+    elsewhere = sorted(p.name for p in run_dir.glob(f"[0-9][0-9]-{stage}") if p.is_dir())
+    if elsewhere:
+        raise OutputError(
+            f"{run_dir} was made by an older edgekd whose stages ran in another order ({elsewhere[0]}/ "
+            f"where this one reads {stage_dir.name}/); rerun the edgekd {mode} command that made it with "
+            f"--force {stage}: it redoes that stage and the ones after it and keeps the others"
+        )
 
 
 def _context(recipe: Recipe, run_dir: Path, log: Callable[[str], None] = print) -> RunContext:
@@ -404,7 +416,7 @@ def deploy_run_name(source: str) -> str:
 
 def bundle(run_dir: Path | str, target: str | None = None, precision: str | None = None) -> Path:
     """Write the bundle of a finished run (see :mod:`edgekd.bundle.build`); returns its directory."""
-    from edgekd.bundle.build import write_bundle
+    from edgekd.bundle.build import deployment_decision, write_decided_bundle
 
     ctx = finished_run(Path(run_dir), "bundle")
     if target is not None and resolve_target(target).name != ctx.target.name:
@@ -414,7 +426,38 @@ def bundle(run_dir: Path | str, target: str | None = None, precision: str | None
         )
     if precision is not None and precision not in ("fp32", "fp16", "int8"):
         raise RecipeError(f"--artifact {precision!r}: expected fp32, fp16 or int8")
-    return write_bundle(ctx, precision)
+    decision = deployment_decision(ctx, precision)
+    directory = write_decided_bundle(ctx, decision)
+    report_follows(Path(run_dir), decision)
+    return directory
+
+
+def report_follows(run_dir: Path, decision: dict[str, Any]) -> bool:
+    """Make ``report.json`` and ``report.md`` name the deployment ``decision`` the bundle now embeds
+    (``edgekd bundle --artifact`` re-pins it): the report's ``deployment`` and ``headline`` are
+    rewritten from its own rows, the rest is kept. False when the report already names it.
+
+    A later ``edgekd compress`` of the run sees the bundle and report changed and rewrites both from
+    the recipe's decision, so the two always agree.
+    """
+    from edgekd import atomic
+    from edgekd.report.build import headline
+    from edgekd.report.markdown import render_markdown
+
+    report_file = run_dir / "report.json"
+    report = json.loads(report_file.read_text(encoding="utf-8"))  # read and checked by finished_run
+    if report.get("deployment") == json.loads(json.dumps(decision)):  # as report.json holds it
+        return False
+    report["deployment"] = decision
+    report["headline"] = headline(
+        [row for row in report["rows"] if "measured_on" not in row],  # as the report stage: host rows
+        report.get("not_measured") or [],
+        deploy=report.get("mode") == "deploy",
+        deployment=decision,
+    )
+    atomic.write_json(report_file, report)
+    atomic.write_text(run_dir / "report.md", render_markdown(report))
+    return True
 
 
 def search_student(
@@ -433,10 +476,11 @@ def search_student(
     from edgekd import atomic
     from edgekd.backends.base import resolve_threads
     from edgekd.data import build_dataset
-    from edgekd.distill.search import LATENCY_PROTOCOL, Budget, check_candidates, rank_students
+    from edgekd.distill.search import LATENCY_PROTOCOL, Budget, check_candidates, check_teacher, rank_students
     from edgekd.models import build_model
     from edgekd.models.checkpoint import load_weights
 
+    check_teacher(recipe.teacher.model)  # an ONNX teacher has no feature maps: refused before any work
     names = check_candidates(candidates)  # unknown names fail before any training
     budget = budget or Budget()
     teacher_outputs = compress(recipe, until="teacher", log=log)["teacher"]

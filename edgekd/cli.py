@@ -424,11 +424,19 @@ def bundle(
         str | None, typer.Option(help="precision whose artifact becomes model_data.c (fp32, fp16, int8)")
     ] = None,
 ) -> None:
-    """Write RUN_DIR/bundle/<target>/: artifacts, manifest.json, model_data.h/.c, eval.npz, SHA256SUMS."""
+    """Write RUN_DIR/bundle/<target>/: artifacts, manifest.json, model_data.h/.c, eval.npz, SHA256SUMS.
+
+    report.json / report.md follow: they name the artifact the bundle embeds.
+    """
+    import json
+
     from edgekd.api import bundle as write
 
     directory = write(run_dir, target=target, precision=artifact)
+    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    console.print(f"deployment: {manifest['deployment']['reason']}")
     console.print(f"bundle: {directory}")
+    console.print(f"report: {run_dir / 'report.md'}")
 
 
 @app.command("verify-bundle")

@@ -189,18 +189,14 @@ class Result:
 
 
 def model_argument(value: Any, role: str, inputs: Path) -> tuple[str, Path | None]:
-    """(model source name, checkpoint or None) for a module object, a source name or a file path."""
+    """(model source name, checkpoint or None) for a module object, a source name or a file path (the
+    path rule is :func:`edgekd.stages.model_import.model_source`'s)."""
+    from edgekd.stages.model_import import model_source
+
     if isinstance(value, nn.Module):
         return register_module(value, role), write_weights(value, inputs / f"{role}.safetensors")
-    if isinstance(value, Path) or (isinstance(value, str) and value.endswith(".onnx") and ":" not in value):
-        path = Path(value)
-        if path.suffix != ".onnx":
-            raise RecipeError(
-                f"{role}={str(path)!r}: a file must be an .onnx model; pass a model source name"
-            )
-        return f"onnx:{path}", None
-    if isinstance(value, str):
-        return value, None
+    if isinstance(value, (str, Path)):
+        return model_source(value, role), None
     raise ModelError(
         f"{role}: expected an nn.Module, a model source name (e.g. timm:resnet18) or an .onnx path, "
         f"got {type(value).__name__}"
@@ -332,7 +328,7 @@ def deploy(
     if isinstance(model, nn.Module):
         default_name = type(model).__name__.lower()
     elif isinstance(model, (str, Path)):
-        default_name = deploy_run_name(model_source(str(model)))
+        default_name = deploy_run_name(model_source(model, "model"))
     else:
         raise RecipeError(
             f"model: expected an nn.Module, an .onnx path or a model source name, got {type(model).__name__}"

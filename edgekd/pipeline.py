@@ -88,6 +88,10 @@ def recipe_fields(*names: str) -> Callable[[Recipe], dict[str, Any]]:
     return lambda recipe: recipe.model_dump(mode="json", include=set(names))
 
 
+# data fields that change how the data is read, not what is read: left out of every stage's key
+READING_ONLY = ("stream", "workers")
+
+
 def fingerprint(stage: Stage, ctx: RunContext) -> str:
     """Hash of the stage's recipe slice and the content of its input files.
 
@@ -99,6 +103,8 @@ def fingerprint(stage: Stage, ctx: RunContext) -> str:
         for p in stage.inputs(ctx)
     }
     config = stage.config(ctx.recipe)
+    if "data" in config:  # how the data is read (streamed, by how many workers) gives the same batches
+        config = {**config, "data": {k: v for k, v in config["data"].items() if k not in READING_ONLY}}
     data = {"data_fingerprint": ctx.dataset[2].fingerprint} if "data" in config else {}
     return sha256_json({"stage": stage.name, "config": config, "inputs": inputs, **data})
 

@@ -15,11 +15,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from yaml.events import AliasEvent
 
+from edgekd import teachers
 from edgekd.errors import RecipeError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "radio-default.yaml"
-BUILTIN_TEACHERS = Path(__file__).resolve().parent / "teachers"  # trained teachers edgekd ships
-BUILTIN_PREFIX = "builtin:"
+BUILTIN_TEACHERS = teachers.SHIPPED_DIR  # trained teachers edgekd ships
+BUILTIN_PREFIX = teachers.PREFIX
 
 # Bounds on what a recipe file may hold, checked while it is parsed (before any validation), so a
 # hostile file fails in milliseconds: its size, the nesting depth of its collections, and the number
@@ -59,6 +60,18 @@ class DataSpec(Section):
     max_frames: int | None = Field(None, ge=1, description="cap on frames read from a file dataset")
     image_size: int = Field(
         32, ge=8, le=1024, description="image datasets: side in pixels images are resized to"
+    )
+    stream: Literal["auto"] | bool = Field(
+        "auto",
+        description="imagefolder: decode images from disk per batch in data.workers processes instead of "
+        "holding them decoded in memory; auto = stream when the train split's decoded float32 images "
+        "would exceed a quarter of the memory available at load time; true on another source is an error",
+    )
+    workers: int = Field(
+        2,
+        ge=0,
+        description="streamed data: DataLoader worker processes that decode (and augment) batches; "
+        "0 = decode in the training process",
     )
 
     @model_validator(mode="before")
@@ -114,10 +127,10 @@ class TeacherSpec(Section):
         """``builtin:NAME`` is ``edgekd/teachers/NAME.safetensors``, a teacher shipped with edgekd."""
         if isinstance(value, str) and value.startswith(BUILTIN_PREFIX):
             name = value.removeprefix(BUILTIN_PREFIX)
-            shipped = sorted(path.stem for path in BUILTIN_TEACHERS.glob("*.safetensors"))
+            shipped = teachers.names()
             if name not in shipped:
                 raise ValueError(f"no shipped teacher {name!r}; shipped: {', '.join(shipped) or 'none'}")
-            return BUILTIN_TEACHERS / f"{name}.safetensors"
+            return teachers.weights(name)
         return value
 
 
@@ -304,13 +317,17 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _default_teacher_for_its_task_only(self) -> Recipe:
-        """The default teacher checkpoint (shipped for ClST on the built-in radio data) is dropped when
-        the recipe names another teacher model or dataset without setting ``teacher.checkpoint``: that
-        teacher is then trained on the labels. A checkpoint the recipe sets is kept (and checked)."""
-        defaults = (TeacherSpec.model_fields["model"].default, DataSpec.model_fields["name"].default)
-        unset = "checkpoint" not in self.teacher.model_fields_set
-        if unset and (self.teacher.model, self.data.name) != defaults:
-            self.teacher.checkpoint = None
+        """The default teacher checkpoint (shipped for ClST on the built-in radio data) stands only for
+        the task its JSON names (:func:`edgekd.teachers.task_of`): when the recipe names another teacher
+        model or dataset without setting ``teacher.checkpoint``, the shipped teacher trained for that
+        task is taken if edgekd ships one, else none (the teacher is trained on the labels). A
+        checkpoint the recipe sets is kept (and checked by the preflight)."""
+        task = (self.teacher.model, self.data.name)
+        default = None if "checkpoint" in self.teacher.model_fields_set else self.teacher.checkpoint
+        default = teachers.shipped_name(default)
+        if default is not None and teachers.mismatch(default, *task):
+            fits = [name for name in teachers.names() if teachers.mismatch(name, *task) is None]
+            self.teacher.checkpoint = teachers.weights(fits[0]) if fits else None
         return self
 
     @field_validator("name")

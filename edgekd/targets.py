@@ -50,6 +50,19 @@ class GpuSpec(_Strict):
     max_clock_mhz: float | None = Field(None, gt=0)
 
 
+class McuSpec(_Strict):
+    """A microcontroller's core, clock and memories (from its datasheet): the fit check's budget."""
+
+    core: Literal["cortex-m4", "cortex-m7", "cortex-m55"]
+    part: str = Field(description="the datasheet's part, e.g. nRF52840")
+    clock_mhz: float = Field(gt=0)
+    sram_kb: float = Field(gt=0, description="on-chip SRAM usable for the tensor arena and I/O, KiB")
+    flash_kb: float = Field(gt=0, description="on-chip flash (or MRAM) for code and the model, KiB")
+    dsp: bool = Field(True, description="Armv7E-M DSP extension (SMLAD): CMSIS-NN's fast path")
+    helium: bool = Field(False, description="M-profile vector extension (MVE), Cortex-M55")
+    datasheet: str = Field(min_length=1, description="document and revision the figures come from")
+
+
 class PeakSpecs(_Strict):
     """Peak throughput (dense, no structured sparsity) and memory; null where unknown."""
 
@@ -76,6 +89,7 @@ class TargetFile(_Strict):
     dla_cores: int = Field(0, ge=0)
     specs: PeakSpecs = Field(default_factory=PeakSpecs)
     device: str | None = Field(None, description="user@host[:port] of a device to profile on over SSH")
+    mcu: McuSpec | None = None
 
     @field_validator("arch")
     @classmethod
@@ -108,6 +122,8 @@ class TargetFile(_Strict):
             raise ValueError(f"precisions {self.precisions} list one twice")
         if self.dla_cores and self.backend != "tensorrt":
             raise ValueError(f"dla_cores {self.dla_cores} needs backend 'tensorrt', not {self.backend!r}")
+        if self.backend == "litert" and self.mcu is None:
+            raise ValueError("backend 'litert' needs an mcu section (core, clock_mhz, sram_kb, flash_kb)")
         if self.backend == "tensorrt" and self.gpu is None:
             raise ValueError("backend 'tensorrt' needs a gpu section (architecture, sm_count, cuda_cores)")
         return self
@@ -130,6 +146,7 @@ class Target:
     dla_cores: int = 0
     device: str | None = None
     source: Path | None = None
+    mcu: dict[str, Any] | None = None
 
     def matches_host(self) -> bool:
         """Whether this machine has the target's CPU architecture (profiling here is meaningful)."""
@@ -161,6 +178,7 @@ class Target:
             "dla_cores": self.dla_cores,
             "specs": self.specs,
             "device": self.device,
+            **({"mcu": self.mcu} if self.mcu else {}),
         }
 
 
@@ -202,6 +220,7 @@ def read_target(path: Path) -> Target:
         dla_cores=spec.dla_cores,
         device=spec.device,
         source=Path(path),
+        mcu=spec.mcu.model_dump() if spec.mcu else None,
     )
 
 

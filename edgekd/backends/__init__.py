@@ -16,7 +16,7 @@ from edgekd.registry import Registry
 BACKENDS: Registry[type[Backend]] = Registry("backend")
 
 # Backend modules of this package, registered when present (each is written independently).
-_MODULES = ("onnxruntime", "openvino", "tensorrt", "torch")
+_MODULES = ("onnxruntime", "openvino", "tensorrt", "torch", "litert")
 
 
 def get_backend(name: str, registry: Registry[type[Backend]] = BACKENDS) -> Backend:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,30 @@ def session_options(threads: int) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: warnings would interleave with progress output
     return options
+
+
+def host_threads() -> int:
+    """Intra-op threads for ONNX Runtime work outside profiling (export parity, INT8 accuracy, an ONNX
+    teacher's outputs, deploy's predictions): the count PyTorch runs with in this process, which
+    :mod:`edgekd.threads` sizes (the user's ``OMP_NUM_THREADS``, else the cores other processes leave
+    free), so both runtimes share one sizing; without torch loaded,
+    :func:`edgekd.threads.training_threads`."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return max(1, torch.get_num_threads())
+    from edgekd.threads import training_threads
+
+    return training_threads()[0]
+
+
+def cpu_session(model: str | Path | bytes, threads: int | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` on the CPU for ``model`` (a path or serialised bytes) with
+    edgekd's :func:`session_options`, ``threads`` intra-op threads (default :func:`host_threads`)."""
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(model)
+    options = session_options(threads or host_threads())
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 class OrtRunner:

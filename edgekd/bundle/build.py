@@ -6,13 +6,16 @@ stage's measurements, which ``manifest.json`` records under ``deployment``), ``e
 frames for on-device accuracy, optional),
 ``manifest.json`` (interface, preprocessing, labels, quantisation, versions, per-file SHA-256) and
 ``SHA256SUMS`` (every file, the manifest included). It is built in a temporary directory beside the
-final one and renamed into place, so a crash never leaves a half-written bundle.
+final one and renamed into place, so a crash never leaves a half-written bundle; a rebuild whose
+content equals the bundle in place keeps that one (its ``created`` included), so a rerun is quiet.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
+import re
 import shutil
 import tempfile
 from datetime import UTC, datetime
@@ -26,7 +29,7 @@ from edgekd import __version__, atomic
 from edgekd.bundle import carray
 from edgekd.bundle.checksums import MANIFEST_FILE, SUMS_FILE, render_sums
 from edgekd.deployment import decide
-from edgekd.errors import BundleError
+from edgekd.errors import BundleError, OutputError
 from edgekd.hashing import sha256_file
 from edgekd.pipeline import RunContext
 
@@ -209,11 +212,18 @@ def _fill(ctx: RunContext, work: Path, decision: dict[str, Any]) -> dict[str, An
             }
         )
     chosen = _choose(artifacts, decision)
-    firmware = None if chosen is None else _write_c_array(work, chosen)
+    if chosen is not None and chosen["file"].endswith(".tflite"):  # a microcontroller: TFLM sources
+        from edgekd.mcu.firmware import bundle_firmware
+
+        firmware = bundle_firmware(ctx, work, chosen)
+    else:
+        firmware = None if chosen is None else _write_c_array(work, chosen)
     _, _, meta = ctx.dataset
     eval_arrays = _eval_arrays(ctx)
-    if eval_arrays is not None:
-        np.savez(work / EVAL_FILE, **eval_arrays)
+    if eval_arrays is not None:  # bytes that depend only on the arrays (np.savez stamps the time)
+        from edgekd.objects import npz_bytes
+
+        (work / EVAL_FILE).write_bytes(npz_bytes(eval_arrays))
     return {
         "edgekd_bundle": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -304,26 +314,88 @@ def write_bundle(ctx: RunContext, precision: str | None = None) -> Path:
 
 
 def write_decided_bundle(ctx: RunContext, decision: dict[str, Any]) -> Path:
-    """:func:`write_bundle` for a decision already made (the bundle stage records the same one)."""
+    """:func:`write_bundle` for a decision already made (the bundle stage records the same one).
+
+    The bundle is built in ``.<target>.<pid>.<random>/`` beside the final directory (named after this
+    process, like :mod:`edgekd.atomic`'s temporary files, so runs on one run directory never share one,
+    and those a killed process left are removed), then renamed into place. When its content equals
+    the bundle already there (every file, and the manifest but for ``created``), the existing bundle
+    is kept as it is: a rerun changes nothing, ``created`` included.
+    """
     final = bundle_dir(ctx.run_dir, ctx.target.name)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_work(final)
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", dir=final.parent))
+    except OSError as exc:
+        raise atomic.disk_error(final.parent, exc, "create") from None
     try:
         manifest = _fill(ctx, work, decision)
         files = sorted(p.name for p in work.iterdir())
         manifest["files"] = {name: sha256_file(work / name) for name in files}
         atomic.write_json(work / MANIFEST_FILE, manifest)
+        if _unchanged(final, work):
+            return final
         (work / SUMS_FILE).write_text(render_sums(work, [*files, MANIFEST_FILE]))
         os.chmod(work, 0o755)
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(work, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_dir(work, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return final
+
+
+def _unchanged(final: Path, work: Path) -> bool:
+    """Whether the bundle at ``final`` holds the files of the one built in ``work`` (by SHA-256) and
+    the same manifest apart from ``created``, with intact checksums."""
+    import json
+
+    def manifest(directory: Path) -> dict[str, Any]:
+        loaded = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+        return {key: value for key, value in loaded.items() if key != "created"}
+
+    try:
+        new = manifest(work)
+        if {p.name for p in final.iterdir()} != {*new["files"], MANIFEST_FILE, SUMS_FILE}:
+            return False
+        if manifest(final) != new:
+            return False
+        if any(sha256_file(final / name) != digest for name, digest in new["files"].items()):
+            return False
+        sums = render_sums(final, [*new["files"], MANIFEST_FILE])
+        return (final / SUMS_FILE).read_text(encoding="utf-8") == sums
+    except (OSError, ValueError, AttributeError):  # no bundle yet, or a damaged one: write it afresh
+        return False
+
+
+def _replace_dir(work: Path, final: Path) -> None:
+    """Rename ``work`` to ``final``, moving an existing ``final`` aside first (to a per-process name)."""
+    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    for _ in range(3):  # another process may put its bundle in place between the two renames
+        try:
+            if final.exists():
+                os.replace(final, old)
+            os.replace(work, final)
+            break
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                raise atomic.disk_error(final, exc) from None
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        raise OutputError(
+            f"cannot put the bundle in place at {final}: other processes keep writing it; "
+            "run one edgekd bundle / compress per run directory at a time, then rerun"
+        )
+
+
+def _remove_stale_work(final: Path) -> None:
+    """Remove the temporary bundle directories (``.<target>.<pid>.*``) whose process is gone."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(\d+)\.")
+    for entry in final.parent.glob(f".{final.name}.*"):
+        match = pattern.match(entry.name)
+        if match and entry.is_dir() and int(match[1]) != os.getpid() and not atomic._pid_alive(int(match[1])):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def bundle_files(directory: Path, run_dir: Path) -> list[str]:

@@ -30,7 +30,13 @@ from edgekd.errors import BundleError, first_line
 from edgekd.hashing import sha256_file
 
 # Which runtime loads an artifact file, by its suffix.
-LOADERS = {".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt"}
+LOADERS = {
+    ".onnx": "onnxruntime",
+    ".xml": "openvino",
+    ".engine": "tensorrt",
+    ".plan": "tensorrt",
+    ".tflite": "litert",
+}
 # Largest input verify allocates to run an artifact (64 MiB of float32); symbolic dimensions count 1.
 MAX_SAMPLE_ELEMENTS = 1 << 24
 # Numeric dtype kinds a model input may have (bool, signed, unsigned, float).
@@ -317,7 +323,7 @@ def verify_bundle(directory: Path) -> list[tuple[str, str]]:
     manifest = check_manifest(directory, raw, set(sums))
     rows = [("checksums", f"{len(manifest['files']) + 1} files match {SUMS_FILE} and manifest.json")]
     if manifest.get("firmware"):
-        rows.append((carray.SOURCE_FILE, _check_c_array(directory, manifest)))
+        rows.append((manifest["firmware"]["source"], _check_c_array(directory, manifest)))
     else:
         _check_deployment(directory, manifest, None)
     rows += [(record["file"], run_artifact(directory, record)) for record in manifest["artifacts"]]

@@ -3,7 +3,8 @@
 Built in: ``radio-synthetic`` (default, no download), ``rml2016`` / ``rml2016.10a`` and
 ``rml2018`` / ``rml2018.01a`` (see :mod:`edgekd.data.radio`); ``digits`` (scikit-learn's, no
 download) and ``imagefolder`` (see :mod:`edgekd.data.vision`); ``npz`` (a user's own arrays, see
-:mod:`edgekd.data.arrays`).
+:mod:`edgekd.data.arrays`). An ImageFolder can stream from disk (``data.stream``,
+:mod:`edgekd.data.streaming`); the other sources are held in memory.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from edgekd.data.base import (
     stratified_split,
 )
 from edgekd.data.radio import MODULATIONS, RML2018_CLASSES, SNR_LEVELS, synthesize
+from edgekd.data.streaming import FileArray, is_streamed
 from edgekd.data.vision import IMAGE_NORMALISATION, denormalise_images, normalise_images
+from edgekd.errors import RecipeError
 from edgekd.recipe import DataSpec
+
+STREAMING_SOURCES = ("imagefolder",)  # registry names of the sources that can stream (data.stream)
 
 __all__ = [
     "DATASETS",
@@ -36,7 +41,9 @@ __all__ = [
     "SNR_LEVELS",
     "ArrayDataset",
     "DatasetMeta",
+    "FileArray",
     "build_dataset",
+    "is_streamed",
     "normalise_frames",
     "normalise_images",
     "raw_and_preprocess",
@@ -53,9 +60,16 @@ def build_dataset(spec: DataSpec, seed: int) -> tuple[ArrayDataset, ArrayDataset
     :class:`~edgekd.errors.RecipeError` listing the known ones; a missing or malformed file, a size
     that cannot fit in memory, or fewer than two classes (in the train frames) raise
     :class:`~edgekd.errors.DataError`. Unlabelled data (``meta.labelled`` False, labels -1) is built
-    without the class check; callers that train call :func:`require_labels`.
+    without the class check; callers that train call :func:`require_labels`. ``data.stream: true``
+    on a source that cannot stream (all but ``imagefolder``) is a :class:`~edgekd.errors.RecipeError`.
     """
-    data, meta = DATASETS.get(spec.name)(spec, seed)
+    builder = DATASETS.get(spec.name)
+    if spec.stream is True and DATASETS.canonical(spec.name) not in STREAMING_SOURCES:
+        raise RecipeError(
+            f"data.stream=true: dataset {spec.name!r} is held in memory and cannot stream (only "
+            f"{', '.join(STREAMING_SOURCES)} can); set data.stream: auto or false"
+        )
+    data, meta = builder(spec, seed)
     hint = "use a dataset of several classes (check data.path, data.snr_min/snr_max and data.max_frames)"
     if isinstance(data, tuple):  # the source's own (train, val) split
         if meta.labelled:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edgekd.data.streaming import FileArray
 from edgekd.errors import DataError
 from edgekd.recipe import DataSpec
 from edgekd.registry import Registry
@@ -22,14 +23,16 @@ from edgekd.registry import Registry
 
 @dataclass
 class ArrayDataset:
-    """In-memory frames with labels and (optionally) their SNR, or another per-sample group.
+    """Frames with labels and (optionally) their SNR, or another per-sample group.
 
-    ``snr`` keeps its name for the radio sources; for others it holds integer group codes, which
+    ``x`` is an in-memory array, or for a streamed source a :class:`~edgekd.data.streaming.FileArray`
+    that decodes the files it is indexed with (same shapes, dtype and values). ``snr`` keeps its name
+    for the radio sources; for others it holds integer group codes, which
     :attr:`DatasetMeta.group_name` and :attr:`DatasetMeta.group_labels` describe.
     """
 
     # float32, already normalised: (N, 2, L) IQ frames (row 0 = I, row 1 = Q) or (N, 3, H, W) images
-    x: np.ndarray
+    x: np.ndarray | FileArray
     y: np.ndarray  # int64 (N,) class indices into DatasetMeta.classes
     snr: np.ndarray | None  # integer (N,): SNR in dB per frame, or group codes (DatasetMeta); None if unknown
 
@@ -42,9 +45,10 @@ class ArrayDataset:
         return len(self.y)
 
     def subset(self, indices: np.ndarray) -> ArrayDataset:
-        """The frames at ``indices``, in that order (copies)."""
+        """The frames at ``indices``, in that order (copies; a streamed ``x`` stays on disk)."""
         snr = self.snr[indices] if self.snr is not None else None
-        return ArrayDataset(self.x[indices], self.y[indices], snr)
+        x = self.x.take(indices) if isinstance(self.x, FileArray) else self.x[indices]
+        return ArrayDataset(x, self.y[indices], snr)
 
 
 @dataclass

@@ -10,12 +10,18 @@ Every source gives float32 images (N, 3, S, S) with S = ``data.image_size``: pix
 [0, 1], resized, then normalised per RGB channel with ImageNet's mean and std (timm's
 ``IMAGENET_DEFAULT_MEAN`` / ``IMAGENET_DEFAULT_STD``, the statistics timm's pretrained models expect).
 The exact preprocessing is recorded in :attr:`DatasetMeta.normalisation`.
+
+An ImageFolder can be streamed (``data.stream``, see :mod:`edgekd.data.streaming`): its splits then
+hold file paths, and images are decoded per batch with the very same preprocessing (identical
+float32 values). ``auto`` streams when the train split's decoded images would take more than
+:data:`STREAM_MEMORY_SHARE` of the memory available when the dataset is built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +32,13 @@ from edgekd.data.base import (
     DATASETS,
     ArrayDataset,
     DatasetMeta,
+    available_memory,
     check_memory,
     seeded_rng,
     strata,
     stratified_pick,
 )
+from edgekd.data.streaming import FileArray
 from edgekd.errors import DataError
 from edgekd.hashing import sha256_json
 from edgekd.recipe import DataSpec
@@ -47,6 +55,8 @@ DIGITS_COUNT = 1797  # images in scikit-learn's digits
 # Memory estimate (see edgekd.data.base.check_memory): float32 (3, S, S) images exist about this many
 # times at once while a dataset is built (decoded/resized, stacked, normalised, train/val subsets).
 IMAGE_COPIES = 4
+# data.stream: auto streams an ImageFolder whose decoded train images exceed this share of available memory
+STREAM_MEMORY_SHARE = 0.25
 
 
 def image_memory(images: int, size: int) -> int:
@@ -178,23 +188,53 @@ def _class_files(root: Path) -> dict[str, list[Path]]:
 
 def _read_image(file: Path, size: int) -> tuple[np.ndarray, str]:
     """One image as float32 (3, size, size) in [0, 1], and the sha256 of the file's bytes."""
+    raw = _read_bytes(file)
+    return _decode(raw, file, size), hashlib.sha256(raw).hexdigest()
+
+
+def _read_bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{file}: cannot be read ({exc.strerror or exc}); fix or remove the file") from None
+
+
+def read_normalised(path: str, size: int) -> np.ndarray:
+    """One image file decoded and normalised exactly as the in-memory path: float32 (3, size, size).
+
+    The reader of a streamed ImageFolder (:class:`~edgekd.data.streaming.FileArray`).
+    """
+    file = Path(path)
+    return normalise_images(_decode(_read_bytes(file), file, size))
+
+
+def _decode(raw: bytes, file: Path, size: int) -> np.ndarray:
+    """The bytes of image ``file`` as float32 (3, size, size) in [0, 1] (RGB, bilinear resize)."""
     from PIL import Image
 
     try:
-        raw = file.read_bytes()
         with Image.open(io.BytesIO(raw)) as image:
             rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"{file}: cannot be read as an image ({reason}); fix or remove the file") from None
-    pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return pixels, hashlib.sha256(raw).hexdigest()
+    return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
 def _load_split(
-    root: Path, files: dict[str, list[Path]], classes: list[str], spec: DataSpec, seed: int, stream: str
+    root: Path,
+    files: dict[str, list[Path]],
+    classes: list[str],
+    spec: DataSpec,
+    seed: int,
+    stream: str,
+    streamed: bool = False,
 ) -> tuple[ArrayDataset, list[list[str]]]:
-    """Images of one split (capped at ``spec.max_frames``, stratified) and (relative path, sha256) pairs."""
+    """Images of one split (capped at ``spec.max_frames``, stratified) and (relative path, sha256) pairs.
+
+    ``streamed``: the images stay on disk (a :class:`FileArray`, decoded per batch); their bytes are
+    still hashed here, so the dataset's fingerprint is the same either way.
+    """
     empty = [name for name in classes if not files[name]]
     if empty:
         raise DataError(
@@ -208,12 +248,29 @@ def _load_split(
         keep = stratified_pick(
             strata(labels, None), spec.max_frames, seeded_rng(seed, f"max-frames-{stream}")
         )
+    if streamed:
+        relative = [paths[index].relative_to(root).as_posix() for index in keep]
+        provenance = [[name, hashlib.sha256(_read_bytes(root / name)).hexdigest()] for name in relative]
+        size = spec.image_size
+        x = FileArray(root, relative, (3, size, size), partial(read_normalised, size=size), spec.workers)
+        return ArrayDataset(x, labels[keep], None), provenance
     images, provenance = [], []
     for index in keep:
         pixels, digest = _read_image(paths[index], spec.image_size)
         images.append(pixels)
         provenance.append([paths[index].relative_to(root).as_posix(), digest])
     return ArrayDataset(normalise_images(np.stack(images)), labels[keep], None), provenance
+
+
+def stream_images(spec: DataSpec, train_images: int) -> bool:
+    """Whether an ImageFolder streams: ``data.stream`` true/false, or for ``auto`` whether its
+    ``train_images`` decoded float32 images would exceed :data:`STREAM_MEMORY_SHARE` of the memory
+    available now (unknown available memory: in memory)."""
+    if isinstance(spec.stream, bool):
+        return spec.stream
+    available = available_memory()
+    decoded = train_images * 3 * spec.image_size**2 * 4
+    return available is not None and decoded > STREAM_MEMORY_SHARE * available
 
 
 def _folder_root(spec: DataSpec) -> Path:
@@ -265,18 +322,20 @@ def load_image_folder(
         raise DataError(
             f"{root}: found {len(classes)} class folder(s), need at least 2; {_layout_hint(root)}"
         )
-    kept = sum(
-        min(spec.max_frames or total, total)
-        for total in (sum(len(files) for files in part.values()) for part in parts.values())
-    )
-    check_memory(
-        image_memory(kept, spec.image_size),
-        str(root),
-        f"data.image_size={spec.image_size} for {kept} images (data.max_frames={spec.max_frames})",
-        "lower data.image_size or set data.max_frames",
-    )
+    totals = {name: sum(len(files) for files in part.values()) for name, part in parts.items()}
+    counts = {name: min(spec.max_frames or total, total) for name, total in totals.items()}
+    kept = sum(counts.values())
+    train_images = counts["train"] if split_layout else round(kept * (1 - spec.val_fraction))
+    streamed = stream_images(spec, train_images)
+    if not streamed:
+        check_memory(
+            image_memory(kept, spec.image_size),
+            str(root),
+            f"data.image_size={spec.image_size} for {kept} images (data.max_frames={spec.max_frames})",
+            "lower data.image_size, set data.max_frames, or stream the images from disk (data.stream: true)",
+        )
     loaded = {
-        name: _load_split(root / ("" if name == "all" else name), files, classes, spec, seed, name)
+        name: _load_split(root / ("" if name == "all" else name), files, classes, spec, seed, name, streamed)
         for name, files in parts.items()
     }
     settings = {

@@ -230,6 +230,19 @@ def check_candidates(names: list[str]) -> list[str]:
     return cleaned
 
 
+def check_teacher(model: str) -> None:
+    """A one-line error for an ONNX teacher: DisWOT's semantic distance is built from the teacher's
+    Grad-CAM maps (feature maps and their gradients), which ONNX Runtime does not give."""
+    from edgekd.models import is_onnx
+
+    if is_onnx(model):
+        raise RecipeError(
+            f"teacher.model {model}: edgekd search-student needs the teacher's feature maps and their "
+            "gradients (DisWOT's Grad-CAM), which an ONNX teacher does not give; pass the PyTorch teacher "
+            "(e.g. --set teacher.model=py:FILE.py:FACTORY --set teacher.checkpoint=WEIGHTS)"
+        )
+
+
 def search_batch(train: ArrayDataset, batch: int, seed: int) -> torch.Tensor:
     """``batch`` training inputs drawn without replacement by a seeded stream (all of them if fewer)."""
     if batch < 2:

@@ -8,6 +8,9 @@ Without augmentation K = 1 (the samples themselves). ``entry.json``, written las
 file's SHA-256 and shape: an entry without it (a killed write), truncated, or whose files changed
 since they were written is recomputed, with a one-line note saying why.
 
+A streamed train split (:mod:`edgekd.data.streaming`) is decoded, and each variant of the bank
+applied, in DataLoader worker processes, batch by batch in order.
+
 Under ``torch.distributed`` (:func:`shared_teacher_outputs`) rank 0 alone computes and writes an
 entry; after a barrier every rank memory-maps it. The key never depends on the rank.
 """
@@ -27,6 +30,7 @@ from torch import nn
 from edgekd import atomic, distributed
 from edgekd.console import progress
 from edgekd.data.augment import AugmentationBank
+from edgekd.data.streaming import BankView, FileArray, index_batches, load_batches
 from edgekd.errors import OutputError, first_line
 from edgekd.hashing import sha256_file, sha256_json
 
@@ -44,20 +48,21 @@ class TeacherOutputs:
 
 @torch.inference_mode()
 def compute_teacher_outputs(
-    teacher: nn.Module, x: np.ndarray, batch_size: int, bank: AugmentationBank | None = None
+    teacher: nn.Module, x: np.ndarray | FileArray, batch_size: int, bank: AugmentationBank | None = None
 ) -> TeacherOutputs:
-    """Run ``teacher`` on every variant of every sample of ``x`` (N, ...), in order."""
+    """Run ``teacher`` on every variant of every sample of ``x`` (N, ...), in order.
+
+    ``x`` is an array or a streamed :class:`~edgekd.data.streaming.FileArray` (decoded, and
+    augmented, per batch in its DataLoader workers).
+    """
     teacher.eval()
     variants = bank.variants if bank is not None else 1
     logits, features = [], []
     with progress() as bar:
         task = bar.add_task("teacher outputs", total=variants * len(x), status="")
         for variant in range(variants):
-            for start in range(0, len(x), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
-                if bank is not None:
-                    indices = np.arange(start, start + len(batch))
-                    batch = bank.apply(batch, indices, np.full(len(batch), variant))
+            augment = BankView(bank, np.full(len(x), variant)) if bank is not None else None
+            for _, batch in load_batches(x, index_batches(len(x), batch_size), augment, seed=variant):
                 feats = teacher.forward_features(batch)
                 logits.append(teacher.head(feats).numpy())
                 features.append(feats.numpy())

@@ -16,6 +16,10 @@ train inside one ``DistributedDataParallel``; rank ``r`` of ``N`` takes ``perm[r
 order in batches of ``batch_size / N`` (``batch_size`` stays the global batch, the learning rate is
 unchanged); the epoch's loss is averaged over ranks, divergence and validation accuracy are decided
 on rank 0 and broadcast, and rank 0 alone writes ``latest.pt``, between barriers.
+
+A streamed train split (:mod:`edgekd.data.streaming`, an ImageFolder too large for memory) is
+decoded and augmented per batch in ``data.workers`` DataLoader processes, whose batch sampler is the
+epoch's own seeded order: the batches, and so the losses, are those of the in-memory path.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from edgekd.atomic import write_torch
 from edgekd.console import progress
 from edgekd.data.augment import AugmentationBank
 from edgekd.data.base import ArrayDataset
+from edgekd.data.streaming import BankView, index_batches, load_batches
 from edgekd.distill.methods.base import DistillMethod, ModelOutputs
 from edgekd.distill.outputs import model_outputs
 from edgekd.distill.teacher_cache import TeacherOutputs, compute_teacher_outputs
@@ -66,9 +71,8 @@ class TrainResult:
 def predict_accuracy(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> float:
     model.eval()
     correct = 0
-    for start in range(0, len(data), batch_size):
-        batch = torch.from_numpy(data.x[start : start + batch_size])
-        correct += int((model(batch).argmax(1).numpy() == data.y[start : start + batch_size]).sum())
+    for indices, batch in load_batches(data.x, index_batches(len(data), batch_size)):
+        correct += int((model(batch).argmax(1).numpy() == data.y[indices]).sum())
     return correct / max(len(data), 1)
 
 
@@ -188,9 +192,11 @@ def train(
     ``lr_field`` (the recipe field of ``spec.lr``) name what to lower when training diverges.
     """
     source = _TeacherSource(teacher, teacher_outputs, method)
-    x_all, y_all = torch.from_numpy(train_set.x), torch.from_numpy(train_set.y)
+    y_all = torch.from_numpy(train_set.y)
     dataset_outputs = (
-        _dataset_teacher_outputs(source, teacher_outputs, x_all) if method.needs_teacher_dataset else None
+        _dataset_teacher_outputs(source, teacher_outputs, train_set.x)
+        if method.needs_teacher_dataset
+        else None
     )
     method.prepare(model, y_all, dataset_outputs)
     params = [*model.parameters(), *method.student_parameters()]
@@ -222,12 +228,11 @@ def train(
             model.train()
             method.train()
             total, batches = 0.0, 0
-            for batch_index, start in enumerate(range(0, len(order), local_batch)):
-                indices = order[start : start + local_batch]
-                batch_variants = variants[indices]
-                x, y = x_all[indices], y_all[indices]
-                if bank is not None:
-                    x = bank.apply(x, indices, batch_variants)
+            steps = [order[start : start + local_batch] for start in range(0, len(order), local_batch)]
+            augment = BankView(bank, variants) if bank is not None else None
+            loader = load_batches(train_set.x, steps, augment, seed=seed * 100_003 + epoch + 7919 * rank)
+            for batch_index, (indices, x) in enumerate(loader):
+                batch_variants, y = variants[indices], y_all[indices]
                 state = {
                     "epoch": epoch,
                     "epochs": spec.epochs,
@@ -249,7 +254,8 @@ def train(
                 if len(held_order):
                     cycle = batch_index * spec.batch_size + np.arange(spec.batch_size)
                     pick = held_order[cycle % len(held_order)]  # the held-out slice, cycled
-                    method.meta_step(model, (x, y, teacher_batch), (x_all[pick], y_all[pick]), state)
+                    held = torch.from_numpy(np.ascontiguousarray(train_set.x[pick]))
+                    method.meta_step(model, (x, y, teacher_batch), (held, y_all[pick]), state)
                     distributed.average_(meta_params)  # meta steps saw each rank's own batch
                 total += float(loss.detach())
                 batches += 1
@@ -323,7 +329,7 @@ def _check_finite(
 
 
 def _dataset_teacher_outputs(
-    source: _TeacherSource, cached: TeacherOutputs | None, x_all: torch.Tensor
+    source: _TeacherSource, cached: TeacherOutputs | None, x_all: Any
 ) -> ModelOutputs:
     """The teacher's logits and embeddings for the whole train split (variant 0), from the cache if any."""
     if cached is not None:
@@ -335,7 +341,7 @@ def _dataset_teacher_outputs(
         raise ValueError(
             "the method needs the teacher's outputs for the train split, but there is no teacher"
         )
-    computed = compute_teacher_outputs(source.teacher, x_all.numpy(), batch_size=512)
+    computed = compute_teacher_outputs(source.teacher, x_all, batch_size=512)
     return ModelOutputs(torch.from_numpy(computed.logits[0]), torch.from_numpy(computed.features[0]))
 
 

@@ -373,7 +373,6 @@ def check_parity(
     samples, batch_sizes, top1_agreement, tolerance, passed}``; raises ExportError above tolerance,
     and when either runtime outputs any NaN or infinity (NaN in both is a diverged model, not parity).
     """
-    import onnxruntime as ort
     import torch
 
     path = Path(onnx_path)
@@ -390,9 +389,9 @@ def check_parity(
             f"fix the dataset's preprocessing"
         )
     try:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        from edgekd.backends.onnxruntime import cpu_session
+
+        session = cpu_session(path)  # intra-op threads sized as PyTorch's (edgekd.threads)
     except Exception as exc:
         raise ExportError(f"parity check: ONNX Runtime cannot load {path}: {_first_line(str(exc))}") from exc
     input_name = session.get_inputs()[0].name

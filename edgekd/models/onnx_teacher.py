@@ -204,15 +204,10 @@ class OnnxTeacher(nn.Module):
         return tuple(d if isinstance(d, int) and d > 0 else 1 for d in dims[1:])
 
     def _session(self, model: Any) -> Any:
-        import onnxruntime as ort
+        from edgekd.backends.onnxruntime import cpu_session
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, torch.get_num_threads())
-        options.log_severity_level = 3  # errors only: warnings are not one line
-        try:
-            return ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-            )
+        try:  # intra-op threads sized as PyTorch's (edgekd.threads); errors-only logging
+            return cpu_session(model.SerializeToString())
         except Exception as exc:  # ORT reports invalid graphs with several types
             raise ModelError(
                 f"{self.role} ONNX file {self.path} does not load in ONNX Runtime ({type(exc).__name__}: "

@@ -245,12 +245,10 @@ def _check_finite_weights(model: onnx.ModelProto, path: Path) -> None:
 def _check_finite_outputs(path: Path, reader: CalibrationDataReader) -> None:
     """QuantizeError naming ``path`` when the FP32 model outputs NaN/inf on the calibration batches
     ``reader`` yields (the same the calibrator will be fed)."""
-    import onnxruntime as ort
+    from edgekd.backends.onnxruntime import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = cpu_session(path)  # intra-op threads sized as PyTorch's (edgekd.threads)
         bad = 0
         for feed in reader:
             for output in session.run(None, feed):

@@ -30,11 +30,9 @@ _SUFFIXES = ("_QuantizeLinear_Input", "_DequantizeLinear_Output_1", "_Dequantize
 
 
 def _session(path: Path) -> Any:
-    import onnxruntime as ort
+    from edgekd.backends.onnxruntime import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return cpu_session(path)  # intra-op threads sized as PyTorch's (edgekd.threads)
 
 
 def ort_accuracy(path: Path, budget: AccuracyBudget) -> float:

@@ -132,9 +132,13 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             quantization = ctx.results["quantize"].outputs["quantization"]
             artifact = _openvino_from_qdq(ctx, onnx_path, stage_dir, quantization)
         elif precision == "int8" and backend.quantizes_itself:
-            artifact = backend.compile(
-                onnx_path, stage_dir, precision, calib=calibration_set(ctx), budget=accuracy_budget(ctx)
-            )
+            extra = _torch_source(ctx) if getattr(backend, "converts_from_torch", False) else {}
+            calib, budget = calibration_set(ctx), accuracy_budget(ctx)
+            artifact = backend.compile(onnx_path, stage_dir, precision, calib=calib, budget=budget, **extra)
+            if (fit := artifact.metadata.get("mcu", {}).get("fit")) is not None:
+                from edgekd.mcu.fit import describe
+
+                ctx.log(f"  {ctx.target.name}: {describe(fit)}")
             log_kept_in_float(ctx, artifact.metadata["quantization"].get("kept_in_float"))
             control = artifact.metadata["quantization"].get("accuracy_control")
             if control is not None:
@@ -150,6 +154,14 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         artifacts.append(record)
         files += names
     return {"target": target.to_dict(), "artifacts": artifacts, "artifact_files": files}
+
+
+def _torch_source(ctx: RunContext) -> dict[str, Any]:
+    """What a backend converting from PyTorch (LiteRT) takes: the student (None for an ONNX model)."""
+    from edgekd.stages.model_import import load_student, student_stage
+
+    onnx_model = ctx.results[student_stage(ctx)].outputs.get("format") == "onnx"
+    return {"model": None if onnx_model else load_student(ctx), "target": ctx.target}
 
 
 def _openvino_from_qdq(

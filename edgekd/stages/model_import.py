@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgekd import atomic
-from edgekd.errors import DataError, ExportError, ModelError, first_line
+from edgekd.errors import DataError, ExportError, ModelError, RecipeError, first_line
 from edgekd.models.sources import ONNX_PREFIX, is_onnx
 from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.recipe import Recipe
@@ -38,8 +38,17 @@ def onnx_file(name: str) -> Path:
     return Path(name.removeprefix(ONNX_PREFIX))
 
 
-def model_source(model: str) -> str:
-    """``edgekd deploy``'s MODEL argument as a model source: a bare ``*.onnx`` path is ``onnx:PATH``."""
+def model_source(model: str | Path, role: str = "model") -> str:
+    """A model argument as a model source (``edgekd deploy``'s MODEL, the Python API's ``teacher=``,
+    ``student=`` and ``model=``): a bare ``*.onnx`` path (any case) is ``onnx:PATH``; a :class:`Path`
+    must name an ``.onnx`` file; any other text is a source name, kept as it is."""
+    if isinstance(model, Path):
+        if model.suffix.lower() != ".onnx":
+            raise RecipeError(
+                f"{role}={str(model)!r}: a file must be an .onnx model; pass a model source name "
+                "(e.g. timm:resnet18) with its checkpoint instead"
+            )
+        return ONNX_PREFIX + str(model)
     if not is_onnx(model) and model.lower().endswith(".onnx"):
         return ONNX_PREFIX + model
     return model
@@ -119,13 +128,10 @@ def _dynamic_batch(proto: Any) -> bool:
 
 
 def _ort_logits(path: Path, x: np.ndarray, batch: int = PREDICT_BATCH) -> np.ndarray:
-    """The ONNX model's first output on ``x`` with ONNX Runtime (CPU, one thread)."""
-    import onnxruntime as ort
+    """The ONNX model's first output on ``x`` with ONNX Runtime (CPU, edgekd's thread sizing)."""
+    from edgekd.backends.onnxruntime import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path)
     name = session.get_inputs()[0].name
     out = [
         session.run(None, {name: np.ascontiguousarray(x[i : i + batch], dtype=np.float32)})[0]

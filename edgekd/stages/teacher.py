@@ -24,8 +24,9 @@ from edgekd.distill import teacher_store
 from edgekd.distill.methods import ModelShape, build_method
 from edgekd.distill.trainer import predict_accuracy, train
 from edgekd.hashing import sha256_json
-from edgekd.models import build_model, model_source_files
+from edgekd.models import build_model, is_onnx, model_source_files
 from edgekd.models.checkpoint import load_weights, save_checkpoint
+from edgekd.models.sources import ONNX_PREFIX
 from edgekd.models.stats import count_flops, count_parameters
 from edgekd.pipeline import RunContext, Stage, fingerprint, recipe_fields
 from edgekd.recipe import DistillSpec, Recipe
@@ -50,9 +51,7 @@ def _onnx_teacher(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     except OSError as exc:
         raise atomic.disk_error(source, exc, "read") from None
     atomic.write_bytes(copy, data)
-    model = build_model(
-        f"onnx:{copy}", len(meta.classes), meta.input_shape[0], role="teacher", input_shape=meta.input_shape
-    )
+    model = _onnx_copy(copy, meta)
     return {
         "model_file": str(copy.relative_to(ctx.run_dir)),
         "model": ctx.recipe.teacher.model,
@@ -64,11 +63,22 @@ def _onnx_teacher(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     }
 
 
+def _onnx_copy(copy: Path, meta: Any) -> torch.nn.Module:
+    """The teacher run by ONNX Runtime from the stage's copy of the ONNX file (``onnx:<copy>``)."""
+    return build_model(
+        f"{ONNX_PREFIX}{copy}",
+        len(meta.classes),
+        meta.input_shape[0],
+        role="teacher",
+        input_shape=meta.input_shape,
+    )
+
+
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     apply_training_threads(ctx.log)  # intra-op threads for the cores other processes leave free
     train_set, val_set, meta = ctx.dataset
     spec = ctx.recipe.teacher
-    if spec.model.startswith("onnx:"):
+    if is_onnx(spec.model):
         return _onnx_teacher(ctx, stage_dir)
     torch.manual_seed(ctx.recipe.seed)  # initial weights follow the seed
     model = build_model(
@@ -142,8 +152,8 @@ def trained_teacher(ctx: RunContext) -> torch.nn.Module:
     _, _, meta = ctx.dataset
     name, file = ctx.output("teacher", "model"), ctx.path("teacher", "model_file")
     classes, channels = len(meta.classes), meta.input_shape[0]
-    if name.startswith("onnx:"):
-        teacher = build_model(f"onnx:{file}", classes, channels, role="teacher", input_shape=meta.input_shape)
+    if is_onnx(name):
+        teacher = _onnx_copy(file, meta)
     else:
         spec = ctx.recipe.teacher
         teacher = build_model(
