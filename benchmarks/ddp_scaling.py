@@ -13,9 +13,12 @@ rank, dropout masks and the padded samples (see edgekd/distributed.py).
 Be honest about what this machine shows: on 2 CPU cores, 2 processes of 1 intra-op thread each
 compete with the 1-process run's 2 threads for the same cores, so the speed-up measures how well
 gloo's gradient all-reduce overlaps with CPU kernels, not what several GPUs or nodes would give.
-edgekd's trainer trains on the CPU (gloo); the JSON names the device and the backend.
+On a CUDA machine (``distill.accelerator: auto`` resolves to CUDA) every process trains on its own
+GPU (``cuda:LOCAL_RANK``) over NCCL; the JSON names the device (GPU model and count) and the
+backend. ``--accelerator cpu`` measures gloo on the CPU there too; N may not exceed the GPU count.
 
     python benchmarks/ddp_scaling.py [--nprocs 1 2] [--epochs 4] [--frames 40] [--seed 0]
+        [--accelerator auto|cpu|cuda] [--out FILE]
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgekd import atomic
+from edgekd import accelerator, atomic
 from edgekd.api import compress
 from edgekd.distributed import backend
 from edgekd.recipe import load_recipe
@@ -45,6 +48,7 @@ def _run(runs_dir: Path, nproc: int, args: argparse.Namespace) -> dict:
         f"teacher.train.epochs={args.epochs}",
         f"distill.train.epochs={args.epochs}",
         f"distill.world_size={nproc}",
+        f"distill.accelerator={args.accelerator}",
         "teacher.store=false",
         "teacher.checkpoint=null",
     ]
@@ -63,6 +67,7 @@ def _run(runs_dir: Path, nproc: int, args: argparse.Namespace) -> dict:
             # teacher training and skd fit on the whole train split
             "samples_per_s": round(args.train_samples * epochs / record["wall_s"], 1),
             "val_accuracy": out.get("val_accuracy", out.get("val_accuracy_last")),
+            "device": out.get("device"),  # what rank 0 trained on, as the stage recorded it
         }
     return {"nproc": nproc, "end_to_end_s": round(end_to_end, 2), "stages": rows}
 
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--frames", type=int, default=40, help="data.frames_per_class_snr")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", choices=accelerator.ACCELERATORS, default="auto")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     recipe = load_recipe(None, [f"data.frames_per_class_snr={args.frames}", f"seed={args.seed}"])
@@ -98,13 +104,16 @@ def main() -> None:
             r["speedup_vs_first"] = round(r["samples_per_s"] / base[stage], 3)
     import torch
 
+    device = accelerator.training_device(args.accelerator)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     payload = {
         "benchmark": "ddp_scaling",
         "command": "python benchmarks/ddp_scaling.py "
         + f"--nprocs {' '.join(map(str, args.nprocs))} --epochs {args.epochs} --frames {args.frames} "
-        + f"--seed {args.seed}",
-        "device": "cpu",  # edgekd's trainer trains on the CPU
-        "backend": backend(),
+        + f"--seed {args.seed} --accelerator {args.accelerator}",
+        "device": accelerator.describe(device) + (f", {gpus} GPU(s) on this machine" if gpus else ""),
+        "accelerator": args.accelerator,
+        "backend": backend(device),
         "cpu_cores": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__,
@@ -114,7 +123,8 @@ def main() -> None:
         "train_samples": args.train_samples,
         "global_batch": recipe.distill.train.batch_size,
         "results": results,
-        "not_measured": "CUDA/NCCL: the trainer trains on the CPU; several nodes: one machine here",
+        "not_measured": "several nodes: one machine here"
+        + ("" if device.type == "cuda" else "; CUDA/NCCL: no GPU on this machine (or --accelerator cpu)"),
     }
     atomic.write_json(args.out, payload)
     print(f"wrote {args.out}")

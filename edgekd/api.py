@@ -58,6 +58,10 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
     stages = STAGE_NAMES if until is None else STAGE_NAMES[: STAGE_NAMES.index(until) + 1]
     check_names(recipe)
     check_builtin_teacher(recipe)
+    if {"teacher", "distill"} & set(stages):  # distill.accelerator: cuda needs a CUDA device here
+        from edgekd import accelerator, distributed
+
+        accelerator.check(recipe, distributed.processes_per_node(recipe))
     if "remote" in stages:
         _check_device(recipe)
     roles = [("teacher", recipe.teacher)] + ([("student", recipe.student)] if "distill" in stages else [])

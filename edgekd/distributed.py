@@ -9,8 +9,11 @@ goes on with export and the rest, which find both stages finished. Running ``tor
 --nproc-per-node N -m edgekd compress ...`` by hand works the same way: every rank trains, then rank 0
 alone goes on with the later stages. ``distill.world_size`` counts every process (all nodes).
 
-Inside the workers the process group is gloo for CPU training and NCCL for CUDA (:func:`backend`;
-edgekd's trainer trains on the CPU today, so it is gloo). The trainer wraps the student *and* the
+Inside the workers the process group is gloo for CPU training and NCCL for CUDA (:func:`backend`):
+with ``distill.accelerator`` resolving to CUDA (:mod:`edgekd.accelerator`) rank ``r`` trains on
+``cuda:LOCAL_RANK``, set as its current device before the NCCL group is created, and the helpers
+below (barrier, broadcasts, all-reduces) run their collectives on that device, copying CPU
+tensors there and back when needed. The trainer wraps the student *and* the
 method (its connectors, projectors, extra heads) in one ``DistributedDataParallel`` (Li et al.,
 "PyTorch Distributed: Experiences on Accelerating Data Parallel Training", VLDB 2020), so gradients
 are averaged over ranks and no rank drifts; parameters a method updates in its own meta step (not on
@@ -105,6 +108,14 @@ def set_launch_options(
     _LAUNCH = LaunchOptions(nnodes, node_rank, rdzv_endpoint)
 
 
+def processes_per_node(recipe: Recipe) -> int:
+    """How many training processes share this node: torchrun's ``LOCAL_WORLD_SIZE`` inside a worker,
+    else ``distill.world_size`` over ``--nnodes``."""
+    if in_torchrun() and "LOCAL_WORLD_SIZE" in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    return max(1, recipe.distill.world_size // _LAUNCH.nnodes)
+
+
 def _dist():  # noqa: ANN202 - torch.distributed, imported when first needed
     import torch.distributed
 
@@ -132,8 +143,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _collective_device() -> torch.device:
+    """Where this group's collectives run: this rank's current CUDA device under NCCL, else the CPU."""
+    import torch
+
+    if is_active() and _dist().get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def barrier() -> None:
-    if is_active():
+    if not is_active():
+        return
+    device = _collective_device()
+    if device.type == "cuda":
+        _dist().barrier(device_ids=[device.index])  # NCCL: on this rank's own GPU
+    else:
         _dist().barrier()
 
 
@@ -142,7 +167,7 @@ def broadcast_object(value: _T) -> _T:
     if not is_active():
         return value
     box = [value if is_main() else None]
-    _dist().broadcast_object_list(box, src=0)
+    _dist().broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]  # type: ignore[return-value]
 
 
@@ -158,26 +183,43 @@ def all_sum(values: Iterable[float]) -> list[float]:
         return values
     import torch
 
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
     _dist().all_reduce(tensor)
     return tensor.tolist()
 
 
+def _in_place(tensors: Iterable[torch.Tensor], collective: Callable[[torch.Tensor], None]) -> None:
+    """Run ``collective`` on each tensor in place; a tensor on another device than the group's
+    (a CPU buffer under NCCL, a CUDA one under gloo) goes through a copy on the group's device."""
+    device = _collective_device()
+    for tensor in tensors:
+        data = tensor.data
+        if data.device.type == device.type:
+            collective(data)
+        else:
+            buffer = data.to(device)
+            collective(buffer)
+            data.copy_(buffer)
+
+
 def average_(tensors: Iterable[torch.Tensor]) -> None:
-    """Replace each tensor by its mean over ranks, in place."""
+    """Replace each tensor by its mean over ranks, in place (CPU or CUDA tensors)."""
     if not is_active():
         return
-    for tensor in tensors:
-        _dist().all_reduce(tensor.data)
-        tensor.data.div_(world_size())
+    world = world_size()
+
+    def mean(data: torch.Tensor) -> None:
+        _dist().all_reduce(data)
+        data.div_(world)
+
+    _in_place(tensors, mean)
 
 
 def broadcast_(tensors: Iterable[torch.Tensor]) -> None:
-    """Give every rank rank 0's values of ``tensors``, in place."""
+    """Give every rank rank 0's values of ``tensors``, in place (CPU or CUDA tensors)."""
     if not is_active():
         return
-    for tensor in tensors:
-        _dist().broadcast(tensor.data, src=0)
+    _in_place(tensors, lambda data: _dist().broadcast(data, src=0))
 
 
 def shard(order: np.ndarray, rank: int, world: int) -> np.ndarray:
@@ -248,8 +290,20 @@ def check_recipe(recipe: Recipe) -> None:
             )
 
 
-def _init_process_group() -> None:
-    _dist().init_process_group(backend())
+def _init_process_group(accelerator: str = "cpu") -> torch.device:
+    """Join the group as this worker: NCCL on ``cuda:LOCAL_RANK`` (made the current device first) when
+    ``accelerator`` resolves to CUDA, else gloo on the CPU. Returns the device this rank trains on."""
+    from edgekd.accelerator import training_device
+
+    device = training_device(accelerator)
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)
+        _dist().init_process_group(backend(device), device_id=device)
+    else:
+        _dist().init_process_group(backend(device))
+    return device
 
 
 # --- the stages -------------------------------------------------------------------------------------
@@ -293,7 +347,7 @@ def _worker(
         ctx.log(f"distill.world_size = {world}: the number of processes torchrun started")
         ctx.recipe.distill.world_size = world
     check_recipe(ctx.recipe)
-    _init_process_group()
+    _init_process_group(ctx.recipe.distill.accelerator)
     if not is_main():
         ctx.log = lambda _line: None
         console.quiet = True

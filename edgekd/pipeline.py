@@ -105,6 +105,8 @@ def fingerprint(stage: Stage, ctx: RunContext) -> str:
     config = stage.config(ctx.recipe)
     if "data" in config:  # how the data is read (streamed, by how many workers) gives the same batches
         config = {**config, "data": {k: v for k, v in config["data"].items() if k not in READING_ONLY}}
+    if "distill" in config:  # the training device: keyed as "device: cuda" by the stages that train on it
+        config = {**config, "distill": {k: v for k, v in config["distill"].items() if k != "accelerator"}}
     data = {"data_fingerprint": ctx.dataset[2].fingerprint} if "data" in config else {}
     return sha256_json({"stage": stage.name, "config": config, "inputs": inputs, **data})
 

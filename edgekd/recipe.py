@@ -198,6 +198,12 @@ class DistillSpec(Section):
         "DDP; --nproc x --nnodes); train.batch_size stays the global batch, each process takes "
         "batch_size / world_size",
     )
+    accelerator: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where teacher training, distillation and the teacher-output pass run: auto = CUDA "
+        "when torch sees a GPU, else the CPU; cuda without one is an error (each DDP process: "
+        "cuda:LOCAL_RANK, NCCL); export and later stages stay on the CPU",
+    )
 
 
 class ExportSpec(Section):

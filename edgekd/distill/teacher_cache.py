@@ -11,6 +11,10 @@ since they were written is recomputed, with a one-line note saying why.
 A streamed train split (:mod:`edgekd.data.streaming`) is decoded, and each variant of the bank
 applied, in DataLoader worker processes, batch by batch in order.
 
+The teacher runs where it is (:mod:`edgekd.accelerator`: the stage places it on ``distill.accelerator``'s
+device; an ONNX Runtime teacher on the CPU): each batch is moved there and its outputs come back to
+the CPU, so the entry is the same files whatever device computed it (up to float rounding).
+
 Under ``torch.distributed`` (:func:`shared_teacher_outputs`) rank 0 alone computes and writes an
 entry; after a barrier every rank memory-maps it. The key never depends on the rank.
 """
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from edgekd import atomic, distributed
+from edgekd.accelerator import module_device
 from edgekd.console import progress
 from edgekd.data.augment import AugmentationBank
 from edgekd.data.streaming import BankView, FileArray, index_batches, load_batches
@@ -56,6 +61,7 @@ def compute_teacher_outputs(
     augmented, per batch in its DataLoader workers).
     """
     teacher.eval()
+    device = module_device(teacher)
     variants = bank.variants if bank is not None else 1
     logits, features = [], []
     with progress() as bar:
@@ -63,9 +69,9 @@ def compute_teacher_outputs(
         for variant in range(variants):
             augment = BankView(bank, np.full(len(x), variant)) if bank is not None else None
             for _, batch in load_batches(x, index_batches(len(x), batch_size), augment, seed=variant):
-                feats = teacher.forward_features(batch)
-                logits.append(teacher.head(feats).numpy())
-                features.append(feats.numpy())
+                feats = teacher.forward_features(batch.to(device))
+                logits.append(teacher.head(feats).cpu().numpy())
+                features.append(feats.cpu().numpy())
                 bar.update(task, advance=len(batch))
     shape = (variants, len(x))
     return TeacherOutputs(

@@ -20,6 +20,13 @@ on rank 0 and broadcast, and rank 0 alone writes ``latest.pt``, between barriers
 A streamed train split (:mod:`edgekd.data.streaming`, an ImageFolder too large for memory) is
 decoded and augmented per batch in ``data.workers`` DataLoader processes, whose batch sampler is the
 epoch's own seeded order: the batches, and so the losses, are those of the in-memory path.
+
+Device (:mod:`edgekd.accelerator`, ``distill.accelerator``): ``train(..., device=...)`` moves the
+student, the method (its connectors, projectors, extra heads and buffers), the live teacher and
+every batch (inputs, labels, cached teacher logits and features) to ``device``, and hands the
+student and the method back on the device they came on. ``latest.pt`` is device-free (every tensor
+saved on the CPU, read back with ``map_location="cpu"``), so a run resumes on another machine. On the
+CPU nothing moves and the numbers are those of a CPU-only trainer.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import torch
 from torch import nn
 
 from edgekd import distributed
+from edgekd.accelerator import module_device, place, to_cpu
 from edgekd.atomic import write_torch
 from edgekd.console import progress
 from edgekd.data.augment import AugmentationBank
@@ -70,9 +78,11 @@ class TrainResult:
 @torch.inference_mode()
 def predict_accuracy(model: nn.Module, data: ArrayDataset, batch_size: int = 512) -> float:
     model.eval()
+    device = module_device(model)  # evaluated where the model is
     correct = 0
     for indices, batch in load_batches(data.x, index_batches(len(data), batch_size)):
-        correct += int((model(batch).argmax(1).numpy() == data.y[indices]).sum())
+        predicted = model(batch.to(device)).argmax(1).cpu().numpy()
+        correct += int((predicted == data.y[indices]).sum())
     return correct / max(len(data), 1)
 
 
@@ -80,11 +90,15 @@ class _TeacherSource:
     """Teacher outputs for a batch: from the cache (by sample and variant), or by running the teacher."""
 
     def __init__(
-        self, teacher: nn.Module | None, cached: TeacherOutputs | None, method: DistillMethod
+        self,
+        teacher: nn.Module | None,
+        cached: TeacherOutputs | None,
+        method: DistillMethod,
+        device: torch.device,
     ) -> None:
-        self.teacher, self.cached, self.method = teacher, cached, method
+        self.teacher, self.cached, self.method, self.device = teacher, cached, method, device
         if teacher is not None:
-            teacher.eval()
+            place(teacher, device).eval()  # an ONNX Runtime teacher stays on the CPU
 
     def __call__(
         self, indices: np.ndarray, variants: np.ndarray, x: torch.Tensor, live: bool
@@ -92,15 +106,23 @@ class _TeacherSource:
         if self.cached is not None and not live:
             feats = self.cached.features
             return ModelOutputs(
-                torch.from_numpy(np.asarray(self.cached.logits[variants, indices])),
-                torch.from_numpy(np.asarray(feats[variants, indices]))
+                torch.from_numpy(np.asarray(self.cached.logits[variants, indices])).to(self.device),
+                torch.from_numpy(np.asarray(feats[variants, indices])).to(self.device)
                 if self.method.needs_features
                 else None,
             )
         if self.teacher is None:
             return None
+        method, x = self.method, x.to(module_device(self.teacher))
         with torch.no_grad():
-            return model_outputs(self.teacher, x, self.method.needs_features, self.method.needs_feature_maps)
+            out = model_outputs(self.teacher, x, method.needs_features, method.needs_feature_maps)
+        if out.logits.device == self.device:
+            return out
+        return ModelOutputs(  # a teacher that runs elsewhere (ONNX Runtime on the CPU)
+            out.logits.to(self.device),
+            None if out.features is None else out.features.to(self.device),
+            None if out.feature_maps is None else [m.to(self.device) for m in out.feature_maps],
+        )
 
 
 class _LossModule(nn.Module):
@@ -118,7 +140,9 @@ class _LossModule(nn.Module):
         return method.loss(outputs, teacher, y, state)
 
 
-def _loss_function(model: nn.Module, method: DistillMethod, trained: list[nn.Parameter]) -> nn.Module:
+def _loss_function(
+    model: nn.Module, method: DistillMethod, trained: list[nn.Parameter], device: torch.device
+) -> nn.Module:
     """The loss module, inside ``DistributedDataParallel`` when several processes train.
 
     Parameters the optimiser does not train (a method's meta-learned parts) are left out of DDP;
@@ -132,7 +156,8 @@ def _loss_function(model: nn.Module, method: DistillMethod, trained: list[nn.Par
     ids = {id(p) for p in trained}
     ignored = [name for name, p in module.named_parameters() if id(p) not in ids]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
-    return DistributedDataParallel(module, find_unused_parameters=True)
+    device_ids = [device.index] if device.type == "cuda" else None  # this rank's cuda:LOCAL_RANK
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
 
 
 def _sync_state(model: nn.Module, method: DistillMethod) -> None:
@@ -182,6 +207,7 @@ def train(
     log: Callable[[str], None] = print,
     stage: str = "train",
     lr_field: str = "train.lr",
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train ``model`` with ``method``'s loss for ``spec.epochs``, resuming from ``latest.pt``.
 
@@ -190,8 +216,12 @@ def train(
     -1 mark unlabelled samples (semi-supervised methods). After the last epoch the method's
     :meth:`~DistillMethod.finalize` turns the student into the deployed model. ``stage`` and
     ``lr_field`` (the recipe field of ``spec.lr``) name what to lower when training diverges.
+    ``device`` (default: where ``model`` is) is where training runs; ``model`` and ``method`` come back
+    on the device they came on.
     """
-    source = _TeacherSource(teacher, teacher_outputs, method)
+    home = module_device(model)
+    device = home if device is None else torch.device(device)
+    source = _TeacherSource(teacher, teacher_outputs, method, device)
     y_all = torch.from_numpy(train_set.y)
     dataset_outputs = (
         _dataset_teacher_outputs(source, teacher_outputs, train_set.x)
@@ -199,10 +229,12 @@ def train(
         else None
     )
     method.prepare(model, y_all, dataset_outputs)
+    model.to(device)  # after prepare: what a method installs on the student moves with it
+    method.to(device)
     params = [*model.parameters(), *method.student_parameters()]
     world, rank = distributed.world_size(), distributed.rank()
     local_batch = spec.batch_size // world  # batch_size is the global batch (divisible: checked)
-    loss_function = _loss_function(model, method, params)
+    loss_function = _loss_function(model, method, params, device)
     trained = {id(p) for p in params}
     meta_params = [p for p in method.parameters() if id(p) not in trained]
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -231,8 +263,10 @@ def train(
             steps = [order[start : start + local_batch] for start in range(0, len(order), local_batch)]
             augment = BankView(bank, variants) if bank is not None else None
             loader = load_batches(train_set.x, steps, augment, seed=seed * 100_003 + epoch + 7919 * rank)
+            losses: list[torch.Tensor] = []  # summed after the epoch: no device sync per step
             for batch_index, (indices, x) in enumerate(loader):
-                batch_variants, y = variants[indices], y_all[indices]
+                batch_variants, y = variants[indices], y_all[indices].to(device)
+                x = x.to(device)
                 state = {
                     "epoch": epoch,
                     "epochs": spec.epochs,
@@ -254,10 +288,12 @@ def train(
                 if len(held_order):
                     cycle = batch_index * spec.batch_size + np.arange(spec.batch_size)
                     pick = held_order[cycle % len(held_order)]  # the held-out slice, cycled
-                    held = torch.from_numpy(np.ascontiguousarray(train_set.x[pick]))
-                    method.meta_step(model, (x, y, teacher_batch), (held, y_all[pick]), state)
+                    held = torch.from_numpy(np.ascontiguousarray(train_set.x[pick])).to(device)
+                    method.meta_step(model, (x, y, teacher_batch), (held, y_all[pick].to(device)), state)
                     distributed.average_(meta_params)  # meta steps saw each rank's own batch
-                total += float(loss.detach())
+                losses.append(loss.detach())
+            for value in torch.stack(losses).cpu().tolist() if losses else []:
+                total += value  # in step order, as Python floats: the sum a per-step float() gave
                 batches += 1
             total, batches = distributed.all_sum([total, batches])  # the mean over every rank's batches
             _sync_state(model, method)
@@ -284,6 +320,8 @@ def train(
             rebalance_training_threads(load.stop(), log)
     method.finalize(model)
     result.deployed_accuracy = distributed.decide(lambda: predict_accuracy(model, val_set))
+    model.to(home)
+    method.to(home)
     return result
 
 
@@ -358,9 +396,9 @@ def _save_latest(
     state = {
         "fingerprint": fingerprint,
         "epoch": epoch,
-        "model": model.state_dict(),
-        "method": method.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": to_cpu(model.state_dict()),  # device-free: resumes on another machine
+        "method": to_cpu(method.state_dict()),
+        "optimizer": to_cpu(optimizer.state_dict()),
         "scheduler": scheduler.state_dict(),
         "history": result.history,
     }

@@ -5,6 +5,9 @@ The teacher is the teacher stage's file: an edgekd checkpoint, or ``teacher.onnx
 
 With ``distill.world_size > 1`` the student trains on that many processes (:mod:`edgekd.distributed`):
 rank 0 builds the teacher cache and every rank memory-maps it; rank 0 alone writes the student.
+
+The teacher-output pass and the training run on ``distill.accelerator``'s device
+(:mod:`edgekd.accelerator`); the student is saved device-free and the stage records ``device``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import torch
 
-from edgekd import distributed
+from edgekd import accelerator, distributed
 from edgekd.data.augment import augmentation_bank
 from edgekd.data.base import hide_labels
 from edgekd.distill.methods import build_method, resolved_options
@@ -69,6 +72,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     method = build_method(
         spec, classes, probe_shape(student, meta.input_shape), probe_shape(teacher, meta.input_shape)
     )
+    device = accelerator.training_device(spec.accelerator)
+    accelerator.place(teacher, device)  # for the teacher-output pass and live teacher batches
     train_set = hide_labels(train_set, spec.label_fraction, recipe.seed)
     augment = spec.augment.model_dump() if spec.augment.enabled else None
     bank = (
@@ -101,6 +106,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         log=ctx.log,
         stage="distill",
         lr_field="distill.train.lr",
+        device=device,
     )
     if distributed.is_main():  # under torch.distributed, rank 0 alone writes
         save_checkpoint(
@@ -126,6 +132,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "augment": None if bank is None else {**augment, **bank.describe()},
         "label_fraction": spec.label_fraction,
         "history": result.history,
+        "device": accelerator.describe(device),
     }
 
 
@@ -135,6 +142,8 @@ def _config(recipe: Recipe) -> dict[str, Any]:
     config["distill"]["options"] = resolved_options(recipe.distill)
     if config["distill"]["world_size"] == 1:  # one process: the fingerprint it always had
         del config["distill"]["world_size"]
+    if accelerator.device_kind(recipe.distill.accelerator) == "cuda":  # CPU: the fingerprint it always had
+        config["device"] = "cuda"
     teacher = recipe.teacher
     if teacher.kwargs or teacher.hint_layers is not None:  # they shape the teacher this stage builds
         config["teacher"] = {"kwargs": teacher.kwargs, "hint_layers": teacher.hint_layers}

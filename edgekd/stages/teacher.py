@@ -10,6 +10,12 @@ read) and its validation accuracy is measured through ONNX Runtime.
 With ``distill.world_size > 1`` the teacher trains on that many processes (:mod:`edgekd.distributed`):
 the store lookup and the accuracy are decided on rank 0, which alone writes the checkpoint and
 publishes it; the world size is part of the stage fingerprint and of the store key.
+
+A teacher trained here trains on ``distill.accelerator``'s device (:mod:`edgekd.accelerator`; each
+rank on its own GPU under DDP) and is saved device-free; the stage records ``device`` (e.g.
+``"cuda:0 (NVIDIA H100 80GB HBM3)"``, or ``"cpu"`` for a teacher loaded rather than trained). CUDA
+training is part of the fingerprint and the store key (``device: cuda``); CPU training keeps the
+keys it always had.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 import torch
 
-from edgekd import atomic, distributed
+from edgekd import accelerator, atomic, distributed
 from edgekd.distill import teacher_store
 from edgekd.distill.methods import ModelShape, build_method
 from edgekd.distill.trainer import predict_accuracy, train
@@ -60,6 +66,7 @@ def _onnx_teacher(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "flops": None,  # not counted through ONNX Runtime
         "val_accuracy": round(predict_accuracy(model, val_set), 5),
         "history": [],
+        "device": "cpu",  # ONNX Runtime's CPU provider
     }
 
 
@@ -92,6 +99,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         hint_layers=spec.hint_layers,
     )
     history: list[dict[str, float]] = []
+    device = "cpu"  # a teacher loaded, not trained, is only evaluated (on the CPU)
     key = None if spec.checkpoint is not None else _store_key(ctx.recipe, model, meta.fingerprint)
     reuse = spec.store and "teacher" not in ctx.forced  # --force teacher trains afresh
     root = teacher_store.store_dir(ctx.recipe)
@@ -108,6 +116,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     else:
         shape = ModelShape(model.feature_dim)
         method = build_method(DistillSpec(method="none"), len(meta.classes), shape, shape)
+        where = accelerator.training_device(ctx.recipe.distill.accelerator)
+        device = accelerator.describe(where)
         result = train(
             model,
             method,
@@ -121,6 +131,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
             log=ctx.log,
             stage="teacher",
             lr_field="teacher.train.lr",
+            device=where,
         )
         history = result.history
         origin = "trained here on labels"
@@ -137,6 +148,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "flops": count_flops(model, meta.input_shape),
         "val_accuracy": round(distributed.decide(lambda: predict_accuracy(model, val_set)), 5),
         "history": history,
+        "device": device,
     }
 
 
@@ -144,6 +156,8 @@ def _store_key(recipe: Recipe, model: torch.nn.Module, data_fingerprint: str) ->
     """The teacher-store key; a teacher trained on several processes is keyed by their number too."""
     key = teacher_store.store_key(recipe, model, data_fingerprint)
     world = recipe.distill.world_size
+    if accelerator.device_kind(recipe.distill.accelerator) == "cuda":  # CPU: the key it always had
+        key = sha256_json({"key": key, "device": "cuda"})[:24]
     return key if world == 1 else sha256_json({"key": key, "world_size": world})[:24]
 
 
@@ -176,6 +190,8 @@ def _config(recipe: Recipe) -> dict[str, Any]:
     config["teacher"].pop("store")
     if recipe.distill.world_size > 1:  # trained on that many processes (one: the key it always had)
         config["world_size"] = recipe.distill.world_size
+    if accelerator.device_kind(recipe.distill.accelerator) == "cuda":  # CPU: the key it always had
+        config["device"] = "cuda"
     return config
 
 
