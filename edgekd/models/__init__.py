@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from edgekd.errors import ModelError, RecipeError
+from edgekd.models.detr import FACTORIES as DETR_FACTORIES
 from edgekd.models.radio import CNN, KDCNN, ClST, KDMobileNet
 from edgekd.models.sources import build_user_model, is_onnx, is_user_source, model_source_files, onnx_path
 from edgekd.models.sources import source_factory as _source_factory
@@ -35,6 +36,8 @@ MODELS.register("edgekd:clst")(ClST)
 MODELS.register("edgekd:kd-cnn")(KDCNN)
 MODELS.register("edgekd:kd-mobilenet")(KDMobileNet)
 MODELS.register("edgekd:cnn")(CNN)
+for _name, _factory in DETR_FACTORIES.items():  # detection: they build only with task="detection"
+    MODELS.register(_name)(_factory)
 
 __all__ = [
     "CNN",

@@ -1,0 +1,432 @@
+"""A small single-scale DETR with anchor-box queries, in plain PyTorch (no ``transformers``).
+
+The detector follows DETR (Carion, Massa, Synnaeve, Usunier, Kirillov, Zagoruyko, "End-to-End Object
+Detection with Transformers", ECCV 2020, arXiv:2005.12872) with the decoder of DAB-DETR (Liu, Li,
+Zhang, Yang, Qi, Su, Zhu, Zhang, "DAB-DETR: Dynamic Anchor Boxes are Better Queries for DETR",
+ICLR 2022, arXiv:2201.12329), whose cross-attention is Conditional DETR's (Meng et al., ICCV 2021,
+arXiv:2108.06152):
+
+- backbone: a timm CNN (``features_only=True``), its last stage (stride 32), then a 1×1 projection
+  to ``d_model``; the feature map's positions get a 2-d sine encoding (DETR; temperature 20, DAB-DETR's
+  default for the image features);
+- encoder: post-norm layers, self-attention over the H×W tokens with the positional encoding
+  rescaled per layer by an MLP of the content (DAB-DETR's encoder);
+- decoder: one learnable 4-d anchor (cx, cy, w, h) per query. In each layer the query's positional
+  embedding is an MLP of the sine encoding of its anchor; the cross-attention concatenates, per head,
+  content and position parts of queries and keys (Conditional DETR), the anchor's sine encoding
+  rescaled by the content and modulated by the anchor's width and height (DAB-DETR's "modulated
+  attention"); a shared box MLP predicts a delta added to the anchor in inverse-sigmoid space, and
+  the refined box (detached) is the next layer's anchor (iterative refinement);
+- heads: a shared class head (sigmoid focal logits, bias initialised to the prior 0.01, as DAB-DETR)
+  and the shared box head, applied to every decoder layer: the last layer's predictions are the
+  output, the others auxiliary outputs for the set loss of :mod:`edgekd.detection.criterion`.
+
+Our choices, where the papers' defaults are for COCO on GPUs: small widths and depths (see
+:data:`SIZES`), ReLU feed-forward layers (DAB-DETR uses PReLU), no dropout (DAB-DETR's default is
+0), a plain DETR self-attention in the decoder (query = key = content + position), anchors' centres
+initialised uniformly over the image (learnable) and their sizes at ``sigmoid(N(0, 1))``.
+
+Attention is written out as MatMul / Softmax (no fused or custom operator) and normalisation is
+LayerNorm, so the model exports to ONNX (opset 18, dynamic batch) and ONNX Runtime / OpenVINO
+quantise it with standard rules. :meth:`DETR.for_export` gives a module whose outputs are only
+``(logits, boxes)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgekd.errors import ModelError
+
+TASK = "detection"
+
+#: The registered sizes: teacher (ResNet-18 backbone, wider, 3+3 layers) and student (MobileNetV3-small,
+#: narrow, 1+2 layers). Any field can be overridden by a factory keyword (``teacher.kwargs``).
+SIZES: dict[str, dict[str, Any]] = {
+    "edgekd:detr-r18": {
+        "backbone": "resnet18",
+        "d_model": 128,
+        "heads": 8,
+        "encoder_layers": 3,
+        "decoder_layers": 3,
+        "ffn_dim": 512,
+        "num_queries": 30,
+    },
+    "edgekd:detr-mnv3": {
+        "backbone": "mobilenetv3_small_100",
+        "d_model": 64,
+        "heads": 4,
+        "encoder_layers": 1,
+        "decoder_layers": 2,
+        "ffn_dim": 256,
+        "num_queries": 30,
+    },
+}
+
+IMAGE_TEMPERATURE = 20.0  # DAB-DETR's --pe_temperatureH/W for the feature map's sine encoding
+ANCHOR_TEMPERATURE = 10000.0  # DAB-DETR's gen_sineembed_for_position
+PRIOR_PROBABILITY = 0.01  # class-bias initialisation for sigmoid focal classification (RetinaNet)
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """``log(x / (1 - x))`` with ``x`` clamped to [eps, 1 - eps], so refinement stays finite."""
+    x = x.clamp(eps, 1.0 - eps)
+    return torch.log(x / (1.0 - x))
+
+
+def sine_encoding(coords: torch.Tensor, dim_per_coord: int, temperature: float) -> torch.Tensor:
+    """Sine/cosine encoding of coordinates in [0, 1]: (..., k) → (..., k * dim_per_coord).
+
+    Each coordinate ``c`` becomes ``[sin(2π c / T^(2i/D)), cos(2π c / T^(2i/D))]`` over
+    ``i < D / 2`` (interleaved), the encoding of DETR (there for pixel positions) and DAB-DETR (there
+    for anchors); the coordinates' encodings are concatenated in their order.
+    """
+    if dim_per_coord % 2:
+        raise ValueError(f"dim_per_coord must be even, got {dim_per_coord}")
+    half = torch.arange(dim_per_coord // 2, dtype=coords.dtype, device=coords.device)
+    frequencies = temperature ** (-2.0 * half / dim_per_coord)  # (D/2,)
+    angles = coords.unsqueeze(-1) * (2.0 * math.pi) * frequencies  # (..., k, D/2)
+    encoded = torch.stack((angles.sin(), angles.cos()), dim=-1)  # (..., k, D/2, 2)
+    return encoded.flatten(-3)
+
+
+def image_positions(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The (H*W, dim) sine encoding of a feature map's cell centres (x then y, normalised to (0, 1))."""
+    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    points = torch.stack((grid_x, grid_y), dim=-1).reshape(height * width, 2)
+    return sine_encoding(points, dim // 2, IMAGE_TEMPERATURE)
+
+
+class MLP(nn.Module):
+    """``layers`` Linear layers with ReLU between them (DETR's box head and DAB-DETR's small MLPs)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, layers: int) -> None:
+        super().__init__()
+        dims = [in_dim, *([hidden_dim] * (layers - 1)), out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head scaled dot-product attention as MatMul → Softmax → MatMul.
+
+    ``query`` (B, Nq, Dk), ``key`` (B, Nk, Dk), ``value`` (B, Nk, Dv), Dk and Dv divisible by
+    ``heads``; returns (B, Nq, Dv). Written out (no fused kernel) so the ONNX graph holds only
+    standard operators a quantiser knows.
+    """
+    batch, queries, dim_k = query.shape
+    tokens, dim_v = key.shape[1], value.shape[2]
+    q = query.reshape(batch, queries, heads, dim_k // heads).transpose(1, 2)
+    k = key.reshape(batch, tokens, heads, dim_k // heads).transpose(1, 2)
+    v = value.reshape(batch, tokens, heads, dim_v // heads).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(dim_k // heads))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, v).transpose(1, 2).reshape(batch, queries, dim_v)
+
+
+def _per_head_concat(content: torch.Tensor, position: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, D) and (B, N, D) → (B, N, 2D) laid out per head as ``[content_h ; position_h]``, so one
+    attention's per-head dot product is content similarity plus spatial similarity (Conditional DETR)."""
+    batch, tokens, dim = content.shape
+    parts = (content.reshape(batch, tokens, heads, dim // heads), position.reshape(batch, tokens, heads, -1))
+    return torch.cat(parts, dim=-1).reshape(batch, tokens, 2 * dim)
+
+
+class SelfAttention(nn.Module):
+    """DETR's self-attention: query = key = x + pos, value = x, then an output projection."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        qk = x + pos
+        return self.out_proj(attend(self.q_proj(qk), self.k_proj(qk), self.v_proj(x), self.heads))
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm transformer encoder layer (DETR): self-attention, then a ReLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.attention = SelfAttention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = MLP(dim, ffn_dim, dim, 2)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.norm1(x + self.attention(x, pos))
+        return self.norm2(x + self.ffn(x))
+
+
+class DecoderLayer(nn.Module):
+    """DAB-DETR decoder layer: self-attention among queries, conditional cross-attention, feed-forward.
+
+    The cross-attention's query per head is ``[content ; projected anchor sine]`` and its key
+    ``[content ; projected image position]`` (Conditional DETR), so the dot product is the sum of a
+    content and a spatial similarity; the first layer also adds the positional embeddings to the
+    content parts (DAB-DETR, ``keep_query_pos=False``).
+    """
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, first: bool) -> None:
+        super().__init__()
+        self.heads, self.first = heads, first
+        self.self_attention = SelfAttention(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.q_content = nn.Linear(dim, dim)
+        self.q_sine = nn.Linear(dim, dim)
+        self.k_content = nn.Linear(dim, dim)
+        self.k_pos = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_pos = nn.Linear(dim, dim) if first else None
+        self.out_proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = MLP(dim, ffn_dim, dim, 2)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        query_pos: torch.Tensor,
+        query_sine: torch.Tensor,
+    ) -> torch.Tensor:
+        tgt = self.norm1(tgt + self.self_attention(tgt, query_pos))
+        batch, tokens, dim = memory.shape
+        q, k, k_pos = self.q_content(tgt), self.k_content(memory), self.k_pos(pos)
+        if self.q_pos is not None:
+            q = q + self.q_pos(query_pos)
+            k = k + k_pos
+        q = _per_head_concat(q, self.q_sine(query_sine), self.heads)
+        k = _per_head_concat(k, k_pos.expand(batch, tokens, dim), self.heads)
+        tgt = self.norm2(tgt + self.out_proj(attend(q, k, self.v_proj(memory), self.heads)))
+        return self.norm3(tgt + self.ffn(tgt))
+
+
+class DETR(nn.Module):
+    """Single-scale DETR with DAB-DETR anchor queries (see the module docstring for the papers).
+
+    ``forward(images)`` with images (B, in_channels, H, W) returns a dict: ``logits`` (B, Q, C) sigmoid
+    class logits (no "no-object" class: focal classification), ``boxes`` (B, Q, 4) (cx, cy, w, h)
+    normalised to [0, 1], ``aux``: one ``{"logits", "boxes"}`` per earlier decoder layer (first to
+    second-last), and ``memory`` (B, H'*W', d_model), the encoder output on the stride-32 map.
+
+    :meth:`encode` and :meth:`decode` are the two halves, so other queries (e.g. built from
+    ground-truth boxes for CLoCKDistill) can be decoded over a model's own memory.
+    """
+
+    task = TASK
+    input_rank = 3  # (C, H, W) per sample
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        backbone: str = "resnet18",
+        d_model: int = 128,
+        heads: int = 8,
+        encoder_layers: int = 3,
+        decoder_layers: int = 3,
+        ffn_dim: int = 512,
+        num_queries: int = 30,
+        pretrained: bool = False,
+        role: str = "model",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1 or in_channels < 1:
+            raise ModelError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
+        if d_model % heads or d_model % 4:
+            raise ModelError(f"d_model {d_model} must be divisible by heads ({heads}) and by 4")
+        if decoder_layers < 1 or encoder_layers < 0 or num_queries < 1:
+            raise ModelError(
+                f"need decoder_layers >= 1, encoder_layers >= 0 and num_queries >= 1, got "
+                f"{decoder_layers}, {encoder_layers}, {num_queries}"
+            )
+        self.num_classes, self.in_channels = num_classes, in_channels
+        self.d_model, self.heads, self.num_queries = d_model, heads, num_queries
+        self.feature_dim = d_model
+        self.backbone_name = backbone
+        self.backbone = _timm_backbone(backbone, in_channels, pretrained, role)
+        channels = self.backbone.feature_info.channels()[-1]
+        self.stride = self.backbone.feature_info.reduction()[-1]
+        self.input_proj = nn.Conv2d(channels, d_model, kernel_size=1)
+        self.encoder = nn.ModuleList(EncoderLayer(d_model, heads, ffn_dim) for _ in range(encoder_layers))
+        self.encoder_pos_scale = MLP(d_model, d_model, d_model, 2)
+        self.decoder = nn.ModuleList(
+            DecoderLayer(d_model, heads, ffn_dim, first=index == 0) for index in range(decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.anchor_pos = MLP(2 * d_model, d_model, d_model, 2)  # sine(anchor) → query position
+        self.query_scale = MLP(d_model, d_model, d_model, 2)  # content-conditioned scale of the sine
+        self.anchor_hw = MLP(d_model, d_model, 2, 2)  # reference w, h for the modulated attention
+        self.class_head = nn.Linear(d_model, num_classes)
+        self.box_head = MLP(d_model, d_model, 4, 3)
+        self.anchors = nn.Parameter(torch.empty(num_queries, 4))  # inverse-sigmoid (cx, cy, w, h)
+        self.hint_layers = ("input_proj",)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        for module in (self.encoder, self.decoder, self.encoder_pos_scale, self.anchor_pos, self.query_scale):
+            for parameter in module.parameters():
+                if parameter.dim() > 1:
+                    nn.init.xavier_uniform_(parameter)
+        nn.init.constant_(self.class_head.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+        nn.init.zeros_(self.box_head.layers[-1].weight)
+        nn.init.zeros_(self.box_head.layers[-1].bias)
+        with torch.no_grad():
+            self.anchors[:, :2] = inverse_sigmoid(torch.rand(self.num_queries, 2))
+            self.anchors[:, 2:].normal_()
+
+    # --------------------------------------------------------------------------------------- halves
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(memory (B, HW, d), pos (1, HW, d))``: the encoder output and the tokens' sine positions."""
+        feature = self.input_proj(self.backbone(images)[-1])  # (B, d, h, w)
+        height, width = feature.shape[-2:]
+        memory = feature.flatten(2).transpose(1, 2)
+        pos = image_positions(int(height), int(width), self.d_model, feature.device).unsqueeze(0)
+        for layer in self.encoder:
+            memory = layer(memory, pos * self.encoder_pos_scale(memory))
+        return memory, pos
+
+    def decode(
+        self,
+        memory: torch.Tensor,
+        pos: torch.Tensor,
+        anchors: torch.Tensor | None = None,
+        content: torch.Tensor | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per decoder layer ``{"logits": (B, N, C), "boxes": (B, N, 4), "hidden": (B, N, d)}``.
+
+        ``anchors`` (B, N, 4) or (N, 4), boxes (cx, cy, w, h) in (0, 1), default the learned ones;
+        ``content`` (B, N, d) the queries' initial content, default zeros (DAB-DETR).
+        """
+        batch = memory.shape[0]
+        if anchors is None:
+            reference = self.anchors.sigmoid().unsqueeze(0).expand(batch, -1, -1)
+        else:
+            reference = anchors if anchors.dim() == 3 else anchors.unsqueeze(0).expand(batch, -1, -1)
+        tgt = (
+            content
+            if content is not None
+            else torch.zeros(
+                batch, reference.shape[1], self.d_model, dtype=memory.dtype, device=memory.device
+            )
+        )
+        half = self.d_model // 2
+        outputs = []
+        for index, layer in enumerate(self.decoder):
+            sine = sine_encoding(reference, half, ANCHOR_TEMPERATURE)  # (B, N, 2d): x, y, w, h
+            query_pos = self.anchor_pos(sine)
+            query_sine = sine[..., : self.d_model]  # the centre's encoding: x then y
+            if index > 0:
+                query_sine = query_sine * self.query_scale(tgt)
+            wh = self.anchor_hw(tgt).sigmoid()  # modulated attention: reference w, h over the anchor's
+            query_sine = torch.cat(
+                (
+                    query_sine[..., :half] * (wh[..., :1] / reference[..., 2:3]),
+                    query_sine[..., half:] * (wh[..., 1:] / reference[..., 3:4]),
+                ),
+                dim=-1,
+            )
+            tgt = layer(tgt, memory, pos, query_pos, query_sine)
+            hidden = self.decoder_norm(tgt)
+            boxes = (self.box_head(hidden) + inverse_sigmoid(reference)).sigmoid()
+            outputs.append({"logits": self.class_head(hidden), "boxes": boxes, "hidden": hidden})
+            reference = boxes.detach()
+        return outputs
+
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        memory, pos = self.encode(images)
+        layers = self.decode(memory, pos)
+        aux = [{"logits": out["logits"], "boxes": out["boxes"]} for out in layers[:-1]]
+        return {"logits": layers[-1]["logits"], "boxes": layers[-1]["boxes"], "aux": aux, "memory": memory}
+
+    def for_export(self) -> nn.Module:
+        """A module sharing this model's weights whose forward returns only ``(logits, boxes)``."""
+        return DETRExport(self).train(self.training)
+
+
+class DETRExport(nn.Module):
+    """``images → (logits (B, Q, C), boxes (B, Q, 4))``: what an exported detector outputs."""
+
+    task = TASK
+    input_rank = 3
+
+    def __init__(self, model: DETR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory, pos = self.model.encode(images)
+        last = self.model.decode(memory, pos)[-1]
+        return last["logits"], last["boxes"]
+
+
+def _timm_backbone(name: str, in_channels: int, pretrained: bool, role: str) -> nn.Module:
+    """timm ``name`` as a feature extractor returning its last stage only."""
+    from edgekd.models.timm_models import _timm
+
+    timm = _timm()
+    try:
+        return timm.create_model(
+            name, features_only=True, out_indices=(-1,), in_chans=in_channels, pretrained=pretrained
+        )
+    except Exception as exc:  # hub/network/file errors come in many types
+        if not pretrained:
+            raise
+        raise ModelError(
+            f"could not download pretrained weights for the {role}'s backbone timm:{name} "
+            f"({type(exc).__name__}); set {role}.pretrained: false"
+        ) from None
+
+
+def _factory(name: str) -> Callable[..., DETR]:
+    """The registered constructor of size ``name``; it builds only for ``task="detection"``."""
+    size = SIZES[name]
+
+    def build(
+        num_classes: int,
+        in_channels: int = 3,
+        pretrained: bool = False,
+        role: str = "model",
+        task: str = "classification",
+        **overrides: Any,
+    ) -> DETR:
+        if task != TASK:
+            raise ModelError(
+                f"{role} {name!r} is a detection model (class logits and boxes per query), not a "
+                f"classifier; choose a classification model (e.g. edgekd:kd-cnn, timm:resnet18) or "
+                f"a detection dataset"
+            )
+        unknown = sorted(set(overrides) - set(size))
+        if unknown:
+            raise ModelError(f"{role} {name!r} does not take {unknown}; it takes {sorted(size)}")
+        return DETR(num_classes, in_channels, pretrained=pretrained, role=role, **{**size, **overrides})
+
+    build.__name__ = build.__qualname__ = name.removeprefix("edgekd:").replace("-", "_")
+    build.__doc__ = f"{name}: :class:`DETR` with {size} (DAB-DETR, Liu et al., ICLR 2022)."
+    build.task = TASK  # type: ignore[attr-defined]
+    return build
+
+
+detr_r18 = _factory("edgekd:detr-r18")
+detr_mnv3 = _factory("edgekd:detr-mnv3")
+FACTORIES = {"edgekd:detr-r18": detr_r18, "edgekd:detr-mnv3": detr_mnv3}
