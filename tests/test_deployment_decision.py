@@ -128,26 +128,35 @@ def mnv3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "runs" / "mnv3"
 
 
-def test_slower_int8_deploys_fp32_in_bundle_and_report(mnv3_run: Path):
+def test_measured_decision_is_the_bundle_and_the_report(mnv3_run: Path):
+    """The faster artifact as measured in this very run is deployed everywhere. Here INT8 is usually
+    the slower one (then FP32 ships); on a loaded machine the measurement may flip, and the rule with
+    it, so the expectation follows the run's own p50s (the rule itself: the synthetic tests above)."""
     report = json.loads((mnv3_run / "report.json").read_text())
     rows = {row["precision"]: row for row in report["rows"] if "artifact" in row}
-    assert rows["int8"]["latency"]["p50_ms"] > rows["fp32"]["latency"]["p50_ms"], "INT8 is faster here"
+    faster = min(("fp32", "int8"), key=lambda p: rows[p]["latency"]["p50_ms"])
+    within = (
+        rows["fp32"]["accuracy"]["accuracy"] - rows["int8"]["accuracy"]["accuracy"] <= DEFAULT_MAX_DROP + 1e-9
+    )
+    expected = faster if within else "fp32"
+    name, label = f"student.{expected}.onnx", expected.upper()
     assert [p.name for p in sorted(mnv3_run.glob("0*"))][-5:] == [
         "04-compile", "05-profile", "06-bundle", "07-remote", "08-report"
     ]  # fmt: skip
     bundle = mnv3_run / report["bundle"]
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
     decision = report["deployment"]
-    assert decision["precision"] == "fp32" and decision["how"] == "rule"
-    assert manifest["firmware"]["artifact"] == manifest["deployment"]["file"] == "student.fp32.onnx"
-    assert manifest["firmware"]["precision"] == "fp32" and manifest["deployment"]["embedded"] is True
-    assert report["headline"]["deployed"] == "student (onnxruntime FP32)" == decision["row"]
-    assert "x FP32 on this target: deploying FP32" in decision["reason"]
-    assert "student.fp32.onnx" in (bundle / "model_data.h").read_text()
+    assert decision["precision"] == expected and decision["how"] == "rule"
+    assert manifest["firmware"]["artifact"] == manifest["deployment"]["file"] == name
+    assert manifest["firmware"]["precision"] == expected and manifest["deployment"]["embedded"] is True
+    assert report["headline"]["deployed"] == f"student (onnxruntime {label})" == decision["row"]
+    if within:
+        assert f"x FP32 on this target: deploying {label}" in decision["reason"]
+    assert name in (bundle / "model_data.h").read_text()
     markdown = (mnv3_run / "report.md").read_text()
     assert "## Deployment" in markdown and f"**{decision['reason']}.**" in markdown
-    assert "| `student.fp32.onnx` | FP32 |" in markdown and "| **yes** |" in markdown
-    assert dict(verify_bundle(bundle))["model_data.c"].endswith("student.fp32.onnx, the deployed artifact")
+    assert f"| `{name}` | {label} |" in markdown and "| **yes** |" in markdown
+    assert dict(verify_bundle(bundle))["model_data.c"].endswith(f"{name}, the deployed artifact")
 
 
 def test_peak_memory_in_rows_report_and_manifest(mnv3_run: Path):

@@ -128,3 +128,126 @@ def test_batchnorm_folding_keeps_outputs_and_fake_quant_starts_near_fp32() -> No
     calibrate(folded, wrappers, x.numpy())
     quantized, reference = torch_logits(folded, x.numpy()), model(x).detach().numpy()
     assert np.abs(quantized - reference).max() < 0.05 * np.abs(reference).max()
+
+
+VISION_TINY = [
+    "data.name=digits",
+    "data.image_size=16",
+    "teacher.model=timm:mobilenetv3_small_050",
+    "teacher.checkpoint=null",
+    "teacher.train.epochs=1",
+    "student.model=timm:mobilenetv3_small_050",
+    "distill.train.epochs=1",
+    "distill.method=kd",
+    "quantize.mode=qad",
+    "quantize.qad_epochs=1",
+    "quantize.calibration_samples=32",
+    "quantize.accuracy_samples=64",
+]
+
+
+@pytest.mark.slow
+def test_qad_end_to_end_on_a_timm_vision_student(tmp_path: Path) -> None:
+    # MobileNetV3: depthwise convs, squeeze-excite (convs without BatchNorm), hardswish, timm's
+    # BatchNormAct2d; every BatchNorm must fold and the QDQ export must match the fake-quant model.
+    compress(None, [f"runs_dir={tmp_path}", "name=v", *VISION_TINY], until="quantize", log=lambda _: None)
+    record = json.loads(next((tmp_path / "v").glob("*-quantize/stage.json")).read_text())["outputs"]
+    quant = record["quantization"]
+    assert quant["tool"].startswith("edgekd QAD") and quant["loss"]["method"] == "kd"
+    assert quant["quantized_layers"] > 40 and quant["batchnorm_folded"] > 20
+    assert quant["parity"]["passed"] and quant["parity"]["top1_agreement"] >= 0.99
+    assert quant["tensorrt_rules"] == {"violations": [], "complies": True}
+    [rung] = record["ladder"]
+    assert rung["rung"] == "qad" and 0 <= rung["accuracy"] <= 1 and rung["latency_ms"] > 0
+    model = onnx.load(str(tmp_path / "v" / record["int8_onnx_file"]))
+    assert model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 3
+
+
+def test_biases_sit_on_the_int32_grid_so_runtime_optimisations_change_nothing(tmp_path: Path) -> None:
+    # ONNX Runtime rewrites a float bias after DequantizeLinear inputs to INT32 (scale = input scale x
+    # weight scale) when it optimises the graph; QAD trains and exports biases on that grid, so the
+    # optimised session computes exactly what the unoptimised graph (the fake-quant model) does.
+    import onnxruntime as ort
+
+    from edgekd.quantize.qad import export_qdq
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Flatten())
+    for conv in (model[0], model[2]):
+        conv.bias.data.uniform_(-0.3, 0.3)
+    x = torch.randn(16, 3, 8, 8)
+    wrappers = attach_fake_quant(model, per_channel=True)
+    calibrate(model, wrappers, x.numpy())
+    export_qdq(model, (3, 8, 8), tmp_path / "m.onnx")
+    for wrapper in wrappers:
+        steps = wrapper.layer.bias.detach() / (wrapper.act_scale * wrapper.weight_scale)
+        torch.testing.assert_close(steps, steps.round(), atol=1e-3, rtol=0)
+    outputs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-6)
+    np.testing.assert_allclose(outputs[0], torch_logits(model, x.numpy()), atol=1e-4)
+
+
+class _SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).flatten(1))
+
+
+def test_nncf_qat_peer_runs_on_torch_without_building_nncf_extensions() -> None:
+    # benchmarks/qad.py's peer row: nncf.quantize on a PyTorch model, fine-tuned through NNCF's fake
+    # quantisers with its torch-native reference kernels (no C++ build), then converted to OpenVINO.
+    import importlib.util
+    import time
+
+    import nncf
+    import openvino as ov
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_qad", Path(__file__).parents[1] / "benchmarks/qad.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    started = time.perf_counter()
+    assert bench.nncf_reference_kernels() in ("reference (eager torch ops)", "compiled C++ extension")
+    torch.manual_seed(0)
+    # A module with its own forward: NNCF adds a hook-storage submodule, which nn.Sequential would run.
+    model = _SmallNet().eval()
+    x = torch.randn(32, 3, 8, 8)
+    quantized = nncf.quantize(model, nncf.Dataset([x[i : i + 1] for i in range(16)]), subset_size=16)
+    optimizer = torch.optim.AdamW([p for p in quantized.parameters() if p.requires_grad], lr=1e-3)
+    loss = nn.functional.cross_entropy(quantized(x), torch.zeros(32, dtype=torch.long))
+    loss.backward()
+    optimizer.step()
+    converted = ov.convert_model(quantized.eval(), example_input=x[:1])
+    assert sum(op.get_type_name() == "FakeQuantize" for op in converted.get_ops()) >= 2
+    with torch.no_grad():
+        reference = quantized(x).numpy()
+    out = ov.Core().compile_model(converted, "CPU")(x.numpy())[0]
+    assert out.shape == (32, 4) and np.mean(out.argmax(1) == reference.argmax(1)) >= 0.9
+    assert time.perf_counter() - started < 30  # no extension build, no torch.compile
+
+
+def test_parity_gate_allows_the_models_own_quantisation_noise_not_more() -> None:
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((200, 10)).astype(np.float32) * 4
+    flips = logits + rng.standard_normal(logits.shape).astype(np.float32) * 0.02  # tie flips: small
+    quantised_noise = logits + rng.standard_normal(logits.shape).astype(np.float32) * 0.05
+    with pytest.raises(QuantizeError):  # beyond one logit step (max |logit| / 127 ~ 0.1) at p99
+        parity_gate(logits, logits + 0.2, "m.onnx")
+    record = parity_gate(logits, flips, "m.onnx", float_out=quantised_noise)
+    assert record["passed"] and record["logit_tolerance"] == max(
+        record["quantisation_step"], record["quantisation_noise_p99"]
+    )
+    with pytest.raises(QuantizeError) as error:  # more than the noise and the step: an export error
+        parity_gate(logits, logits + 0.5, "m.onnx", float_out=quantised_noise)
+    assert "quantisation noise" in str(error.value)

@@ -20,6 +20,11 @@ al., 2013); QAD replaces its label loss by distillation from the FP32 teacher (M
   fake-quant op the ONNX exporter does not map to QuantizeLinear, and a few epochs at a small learning
   rate barely move the activation statistics); weight scales are recomputed from each step's weights
   (max |w| / 127 per channel) and frozen for export, so no weight is ever clipped.
+- **Biases on the INT32 grid** (scale = input scale x weight scale, with STE), stored so at export:
+  ONNX Runtime's WeightBiasQuantization rewrites a float bias behind DequantizeLinear inputs to INT32
+  when it optimises the graph; with an off-grid bias that moved the logits of a MobileNetV3 by ~2
+  quantisation steps and failed the parity gate, on the grid the optimised and the unoptimised
+  session compute the same numbers (TensorRT keeps the bias in float: the same values).
 - **Implementation: core ``torch.fake_quantize_per_{tensor,channel}_affine`` ops with STE**, exported
   by the TorchScript ONNX exporter, which maps each one to a QuantizeLinear/DequantizeLinear pair with
   constant INT8 zero points: the exported model is bit-for-bit the trained one up to float summation
@@ -28,7 +33,8 @@ al., 2013); QAD replaces its label loss by distillation from the FP32 teacher (M
   give the same QDQ graph with fewer moving parts.
 - **Parity gates** (:func:`parity_gate`): the ONNX artifact (ONNX Runtime) vs the fake-quant PyTorch
   model on held-out frames: top-1 agreement >= 99 % and the 99th percentile of |logit difference|
-  within one quantisation step of the logits (max |logit| / 127); a failure is a QuantizeError.
+  within one quantisation step of the logits (max |logit| / 127) or, when larger, the model's own
+  quantisation noise (deep networks: rounding-tie flips propagate); a failure is a QuantizeError.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from edgekd.atomic import atomic_path
 from edgekd.errors import QuantizeError, first_line
 
 QMIN, QMAX = -128, 127
+INT32_MIN, INT32_MAX = -(2**31) + 1, 2**31 - 1
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 MIN_AGREEMENT = 0.99
 EVAL_BATCH = 256
@@ -70,6 +77,7 @@ class FakeQuantLayer(nn.Module):
         self.layer = layer
         self.per_channel = per_channel
         self.observing = False
+        self.bypass = False  # True: the float layer (the parity gate's quantisation-noise reference)
         self.register_buffer("act_amax", torch.zeros(()))
         self.register_buffer("act_scale", torch.ones(()))
         channels = layer.weight.shape[0] if per_channel else 1
@@ -81,13 +89,35 @@ class FakeQuantLayer(nn.Module):
         amax = weight.abs().flatten(1).amax(dim=1) if self.per_channel else weight.abs().amax().reshape(1)
         return (amax / QMAX).clamp_min(1e-12)
 
+    @torch.no_grad()
     def freeze(self) -> None:
-        """Fix the weight scales to the current weights' (what the exported Q/DQ nodes hold)."""
+        """Fix the weight scales to the current weights' (what the exported Q/DQ nodes hold) and store
+        the bias on its INT32 grid (so the export holds it as one float constant)."""
         self.weight_scale.copy_(self._current_weight_scale())
+        bias = self.quantized_bias()
+        if bias is not None:
+            self.layer.bias.copy_(bias)
         self.frozen = True
 
     def quantized_weight(self) -> torch.Tensor:
         scale = self.weight_scale if self.frozen else self._current_weight_scale()
+        return self._fake_quant_weight(scale)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias on the INT32 grid of scale ``act_scale * weight_scale`` (per channel), with STE.
+
+        Integer runtimes add the bias to the INT32 accumulator (ONNX Runtime's WeightBiasQuantization
+        rewrites a float bias so), so training on the grid keeps the exported model's runtime numerics
+        identical; TensorRT keeps biases in float and reads the same (grid-valued) numbers.
+        """
+        bias = self.layer.bias
+        if bias is None or self.frozen:
+            return bias
+        scale = (self.act_scale * self._current_weight_scale()).expand(bias.shape)
+        steps = torch.clamp(torch.round(bias.detach() / scale), INT32_MIN, INT32_MAX)
+        return bias + (steps * scale - bias).detach()
+
+    def _fake_quant_weight(self, scale: torch.Tensor) -> torch.Tensor:
         if self.per_channel:
             zero = torch.zeros(scale.shape, dtype=torch.int32)
             return torch.fake_quantize_per_channel_affine(self.layer.weight, scale, zero, 0, QMIN, QMAX)
@@ -96,16 +126,18 @@ class FakeQuantLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.layer(x)
         if self.observing:
             self.act_amax.copy_(torch.maximum(self.act_amax, x.detach().abs().amax()))
             return self.layer(x)
         x = torch.fake_quantize_per_tensor_affine(
             x, self.act_scale, torch.zeros((), dtype=torch.int32), QMIN, QMAX
         )
-        weight = self.quantized_weight()
+        weight, bias = self.quantized_weight(), self.quantized_bias()
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, weight, self.layer.bias)
-        return self.layer._conv_forward(x, weight, self.layer.bias)
+            return F.linear(x, weight, bias)
+        return self.layer._conv_forward(x, weight, bias)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -354,24 +386,34 @@ def export_qdq(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> di
 
 
 def onnx_logits(path: Path, x: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
-    import onnxruntime as ort
+    from edgekd.backends.onnxruntime import cpu_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = cpu_session(path)  # intra-op threads sized as PyTorch's (edgekd.threads)
     name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def parity_gate(torch_out: np.ndarray, onnx_out: np.ndarray, where: str) -> dict[str, Any]:
+def parity_gate(
+    torch_out: np.ndarray, onnx_out: np.ndarray, where: str, float_out: np.ndarray | None = None
+) -> dict[str, Any]:
     """Gate the ONNX artifact against the fake-quant PyTorch model; QuantizeError naming the numbers.
 
-    Passes when top-1 agreement >= 99 % and the 99th percentile of |logit difference| is within one
-    quantisation step of the logits (max |logit| / 127 of the PyTorch model).
+    Passes when top-1 agreement >= 99 % and the 99th percentile of |logit difference| is within the
+    larger of one quantisation step of the logits (max |logit| / 127 of the PyTorch model) and the
+    model's own quantisation noise (p99 |fake-quant - float logits|, when ``float_out`` is given).
+    Why the second: two correct float32 implementations of a deep fake-quantised network sum in a
+    different order, so a few values sitting on a rounding tie quantise one step apart, and those
+    flips propagate like quantisation noise (EfficientNet-B0 on digits: 2e-6 of the first quantiser's
+    values differ, and at the logits the gap is 0.6x the model's whole quantisation noise, 0.9x one
+    logit step). A wrong scale, axis or bias exceeds both and breaks top-1 agreement.
     """
     agreement = float(np.mean(torch_out.argmax(axis=1) == onnx_out.argmax(axis=1)))
     diff = np.abs(torch_out.astype(np.float64) - onnx_out.astype(np.float64))
     step = float(np.abs(torch_out).max()) / QMAX
+    noise = None
+    if float_out is not None:
+        noise = float(np.percentile(np.abs(torch_out.astype(np.float64) - float_out), 99))
+    tolerance = max(step, noise or 0.0)
     p99 = float(np.percentile(diff, 99))
     record = {
         "frames": len(torch_out),
@@ -380,15 +422,31 @@ def parity_gate(torch_out: np.ndarray, onnx_out: np.ndarray, where: str) -> dict
         "logit_abs_diff_p99": p99,
         "logit_abs_diff_max": float(diff.max()),
         "quantisation_step": step,
-        "passed": agreement >= MIN_AGREEMENT and p99 <= step,
+        "quantisation_noise_p99": noise,
+        "logit_tolerance": tolerance,
+        "passed": agreement >= MIN_AGREEMENT and p99 <= tolerance,
     }
     if not record["passed"]:
         raise QuantizeError(
             f"{where}: QAD parity gate failed: ONNX vs fake-quant PyTorch top-1 agreement {agreement:.2%} "
-            f"(need >= {MIN_AGREEMENT:.0%}), p99 |logit diff| {p99:.4g} vs one quantisation step "
-            f"{step:.4g} on {len(torch_out)} held-out frames; set quantize.mode: ptq and report this model"
+            f"(need >= {MIN_AGREEMENT:.0%}), p99 |logit diff| {p99:.4g} vs tolerance {tolerance:.4g} "
+            f"(one quantisation step {step:.4g}, quantisation noise {noise if noise is not None else 'n/a'}) "
+            f"on {len(torch_out)} held-out frames; set quantize.mode: ptq and report this model"
         )
     return record
+
+
+@torch.no_grad()
+def float_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Logits of ``model`` with every fake quantiser bypassed (the float network it wraps)."""
+    wrappers = [module for module in model.modules() if isinstance(module, FakeQuantLayer)]
+    for wrapper in wrappers:
+        wrapper.bypass = True
+    try:
+        return torch_logits(model, x)
+    finally:
+        for wrapper in wrappers:
+            wrapper.bypass = False
 
 
 def quantisation_aware_distillation(
@@ -430,7 +488,12 @@ def quantisation_aware_distillation(
     history = fine_tune(model, method, data, epochs, lr, batch_size, seed, log) if epochs else []
     tuned_accuracy = score(model) if score is not None else None
     export = export_qdq(model, input_shape, out_path)
-    parity = parity_gate(torch_logits(model, held_out), onnx_logits(out_path, held_out), str(out_path))
+    parity = parity_gate(
+        torch_logits(model, held_out),
+        onnx_logits(out_path, held_out),
+        str(out_path),
+        float_logits(model, held_out),
+    )
     violations = tensorrt_qdq_violations(out_path, per_channel=per_channel)
     return {
         "format": "QDQ",
