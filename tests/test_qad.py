@@ -12,7 +12,18 @@ from torch import nn
 
 from edgekd.api import compress
 from edgekd.errors import QuantizeError
-from edgekd.quantize.qad import attach_fake_quant, calibrate, fold_batchnorm, parity_gate, torch_logits
+from edgekd.quantize.qad import (
+    QadData,
+    attach_fake_quant,
+    calibrate,
+    fold_batchnorm,
+    parity_gate,
+    qad_loss_method,
+    qdq_layout,
+    qlinear_fusable_convs,
+    quantisation_aware_distillation,
+    torch_logits,
+)
 from edgekd.quantize.qdq_rules import tensorrt_qdq_violations
 from tests.test_bundle import TINY
 
@@ -30,7 +41,10 @@ def test_qad_compress_to_report_on_radio(qad_run: Path) -> None:
     assert quant["tool"].startswith("edgekd QAD") and quant["epochs"] == 3 and len(quant["history"]) == 3
     assert quant["parity"]["passed"] and quant["parity"]["top1_agreement"] >= 0.99
     assert quant["parity"]["logit_abs_diff_p99"] <= quant["parity"]["quantisation_step"]
-    assert quant["tensorrt_rules"] == {"violations": [], "complies": True}
+    # the cpu target runs ONNX Runtime: its own layout, every Conv/Gemm fusable into QLinearConv/QGemm
+    assert quant["layout"] == "onnxruntime" and quant["layout_fallback"] is None
+    fusable = quant["qlinear_fusable"]
+    assert fusable["fusable"] == fusable["conv_gemm_matmul"] == quant["quantized_layers"] > 0
     assert quant["loss"]["method"] == "skd" and quant["batchnorm_folded"] > 0
     [rung] = report["budget_ladder"]
     assert rung["rung"] == "qad" and rung["latency_ms"] > 0 and rung["seconds"] > 0
@@ -40,15 +54,78 @@ def test_qad_compress_to_report_on_radio(qad_run: Path) -> None:
     assert "INT8 accuracy ladder" in (qad_run / "report.md").read_text()
 
 
-def test_qdq_model_follows_tensorrt_rules_and_runs_in_ort_and_openvino(qad_run: Path) -> None:
-    report = json.loads((qad_run / "report.json").read_text())
-    path = qad_run / report["quantization"]["int8_onnx_file"]
-    assert tensorrt_qdq_violations(path, per_channel=True) == []
-    model = onnx.load(str(path))
+class _RadioNet(nn.Module):
+    """A small 1-D conv student (Conv-BN-ReLU twice, pooling, a linear head) on (2, 128) frames."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(2, 8, 5, padding=2),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.Conv1d(8, 16, 3, padding=1),
+            nn.BatchNorm1d(16),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+        )
+        self.head = nn.Linear(16, classes)
+        self.feature_dim = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).flatten(1))
+
+
+def _separable_frames(count: int, seed: int, classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Frames whose class sets the frequency of a sinusoid (clear margins), plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, count)
+    t = np.arange(128)
+    phase = rng.uniform(0, 2 * np.pi, (count, 1))
+    x = np.stack([np.sin(0.1 * (y[:, None] + 1) * t + phase), np.cos(0.1 * (y[:, None] + 1) * t + phase)], 1)
+    return (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32), y
+
+
+def _qad(tmp_path: Path, layout: str, per_channel: bool = True) -> tuple[dict, Path, nn.Module]:
+    """QAD of a briefly trained _RadioNet (its own logits x 2 as the teacher's), one epoch, in ``layout``."""
+    from edgekd.recipe import Recipe
+
+    torch.manual_seed(0)
+    student = _RadioNet()
+    x, y = _separable_frames(512, 0)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(student(torch.from_numpy(x)), torch.from_numpy(y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    student.eval()
+    teacher_logits = 2 * torch_logits(student, x)
+    method, _ = qad_loss_method(Recipe().distill.model_copy(update={"method": "kd"}), 4, 16)
+    held_out, _ = _separable_frames(300, 1)
+    path = tmp_path / f"{layout}.onnx"
+    record = quantisation_aware_distillation(
+        student, (2, 128), x[:128], QadData(x, y, teacher_logits), method, path, held_out,
+        per_channel=per_channel, epochs=1, lr=1e-4, batch_size=64, seed=0, layout=layout, log=lambda _: None,
+    )  # fmt: skip
+    return record, path, student
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def test_tensorrt_layout_follows_tensorrt_rules_and_runs_in_ort_and_openvino(tmp_path: Path) -> None:
+    record, path, _ = _qad(tmp_path, "tensorrt")
+    assert record["layout"] == "tensorrt" and record["parity"]["passed"]
+    assert record["tensorrt_rules"] == {"violations": [], "complies": True}
+    assert tensorrt_qdq_violations(path, per_channel=True) == []
+    assert record["qlinear_fusable"]["fusable"] == 0  # no Q after a conv: ORT's CPU cannot fuse it
+    model = onnx.load(str(path))
+    values = _constants(model)
     per_channel = 0
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -63,8 +140,71 @@ def test_qdq_model_follows_tensorrt_rules_and_runs_in_ort_and_openvino(qad_run: 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ort_out = session.run(None, {session.get_inputs()[0].name: x})[0]
     ov_out = ov.Core().compile_model(ov.convert_model(str(path)), "CPU")(x)[0]
-    assert ort_out.shape == ov_out.shape == (4, 11)
+    assert ort_out.shape == ov_out.shape == (4, 4)
     assert np.mean(ort_out.argmax(1) == ov_out.argmax(1)) >= 0.75
+
+
+def test_layout_follows_the_backend() -> None:
+    assert qdq_layout("onnxruntime") == "onnxruntime"
+    assert qdq_layout("tensorrt") == qdq_layout("openvino") == "tensorrt"
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_onnxruntime_layout_fuses_every_conv_and_matches_the_fake_quant_model(
+    tmp_path: Path, per_channel: bool
+) -> None:
+    # ORT's own QDQ layout: UINT8 asymmetric activations with a QuantizeLinear after every Conv/Gemm,
+    # so ORT's CPU runs QLinearConv/QGemm (INT8 in, INT8 out) instead of float convs between Q/DQ.
+    import onnxruntime as ort
+
+    record, path, _ = _qad(tmp_path, "onnxruntime", per_channel)
+    assert record["layout"] == "onnxruntime" and record["layout_fallback"] is None
+    assert record["activation_type"] == "QUInt8" and record["quantized_layers"] == 3
+    assert record["qlinear_fusable"] == {"fusable": 3, "conv_gemm_matmul": 3}
+    parity = record["parity"]
+    assert parity["passed"] and parity["top1_agreement"] >= 0.99
+    assert parity["logit_abs_diff_p99"] <= parity["quantisation_step"]
+    model = onnx.load(str(path))
+    values = _constants(model)
+    producer = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type == "Conv" or node.op_type == "Gemm":
+            [consumer] = [n for n in model.graph.node if node.output[0] in n.input]
+            assert consumer.op_type == "QuantizeLinear"  # a Q after each conv output
+            source = producer[node.input[0]]
+            assert source.op_type == "DequantizeLinear" and values[source.input[2]].dtype == np.uint8
+            weight = producer[node.input[1]]
+            assert values[weight.input[2]].dtype == np.int8 and not values[weight.input[2]].any()
+            assert (values[weight.input[1]].size > 1) == per_channel
+    assert not record["tensorrt_rules"]["complies"]  # UINT8 zero points: not TensorRT's layout
+    # ORT really fuses them: its optimised graph holds QLinearConv/QGemm and no float Conv/Gemm.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "optimised.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "Gemm" not in ops
+
+
+def test_onnxruntime_layout_refused_by_the_gate_falls_back_to_tensorrt_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ORT layout is exact by construction; a refused gate (a runtime computing other numbers) is
+    # forced here to check the fallback: QAD again in TensorRT's layout, the reason in the record.
+    import edgekd.quantize.qad as qad
+
+    real_gate, calls = qad.parity_gate, []
+
+    def refuse_first(torch_out: np.ndarray, onnx_out: np.ndarray, where: str, float_out=None) -> dict:
+        calls.append(where)
+        return real_gate(torch_out, -onnx_out if len(calls) == 1 else onnx_out, where, float_out)
+
+    monkeypatch.setattr(qad, "parity_gate", refuse_first)
+    record, path, _ = _qad(tmp_path, "onnxruntime")
+    assert len(calls) == 2 and record["layout"] == "tensorrt"
+    assert "ONNX Runtime's QDQ layout refused" in record["layout_fallback"]
+    assert "top-1 agreement" in record["layout_fallback"] and "\n" not in record["layout_fallback"]
+    assert tensorrt_qdq_violations(path, per_channel=True) == []
 
 
 def test_ladder_reaches_qad_when_ptq_misses(tmp_path: Path) -> None:
@@ -94,7 +234,8 @@ def test_ladder_reaches_qad_when_ptq_misses(tmp_path: Path) -> None:
     quant = reached["quantization"]["quantization"]
     assert quant["tool"].startswith("edgekd QAD") and quant["per_channel"] is False
     int8_file = tmp_path / reached["run"] / reached["quantization"]["int8_onnx_file"]
-    assert tensorrt_qdq_violations(int8_file, False) == []
+    assert quant["layout"] == "onnxruntime"  # the cpu target: ONNX Runtime's own layout
+    assert qlinear_fusable_convs(int8_file) == (quant["quantized_layers"],) * 2
 
 
 def test_failed_parity_gate_is_one_line() -> None:
@@ -156,14 +297,18 @@ def test_qad_end_to_end_on_a_timm_vision_student(tmp_path: Path) -> None:
     assert quant["tool"].startswith("edgekd QAD") and quant["loss"]["method"] == "kd"
     assert quant["quantized_layers"] > 40 and quant["batchnorm_folded"] > 20
     assert quant["parity"]["passed"] and quant["parity"]["top1_agreement"] >= 0.99
-    assert quant["tensorrt_rules"] == {"violations": [], "complies": True}
+    assert quant["layout"] == "onnxruntime" and quant["layout_fallback"] is None
+    assert quant["qlinear_fusable"]["fusable"] == quant["qlinear_fusable"]["conv_gemm_matmul"] > 40
     [rung] = record["ladder"]
     assert rung["rung"] == "qad" and 0 <= rung["accuracy"] <= 1 and rung["latency_ms"] > 0
     model = onnx.load(str(tmp_path / "v" / record["int8_onnx_file"]))
     assert model.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 3
 
 
-def test_biases_sit_on_the_int32_grid_so_runtime_optimisations_change_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["tensorrt", "onnxruntime"])
+def test_biases_sit_on_the_int32_grid_so_runtime_optimisations_change_nothing(
+    tmp_path: Path, layout: str
+) -> None:
     # ONNX Runtime rewrites a float bias after DequantizeLinear inputs to INT32 (scale = input scale x
     # weight scale) when it optimises the graph; QAD trains and exports biases on that grid, so the
     # optimised session computes exactly what the unoptimised graph (the fake-quant model) does.
@@ -176,7 +321,7 @@ def test_biases_sit_on_the_int32_grid_so_runtime_optimisations_change_nothing(tm
     for conv in (model[0], model[2]):
         conv.bias.data.uniform_(-0.3, 0.3)
     x = torch.randn(16, 3, 8, 8)
-    wrappers = attach_fake_quant(model, per_channel=True)
+    wrappers = attach_fake_quant(model, per_channel=True, layout=layout)
     calibrate(model, wrappers, x.numpy())
     export_qdq(model, (3, 8, 8), tmp_path / "m.onnx")
     for wrapper in wrappers:

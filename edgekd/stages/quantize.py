@@ -7,12 +7,13 @@ Targets whose backend quantises INT8 itself (OpenVINO: NNCF on the float model, 
 stage) skip this stage, unless ``quantize.mode: qad``.
 
 ``quantize.mode: qad`` runs quantisation-aware distillation (:mod:`edgekd.quantize.qad`): one QDQ
-ONNX (symmetric INT8, zero point 0, per-channel weights, float biases: TensorRT's rules) that every
-backend compiles as its INT8 artifact. With ``quantize.max_accuracy_drop`` and ``mode: ptq`` the
-budget is a ladder: PTQ, then PTQ with the most damaging nodes in float, then QAD, stopping at the
-first rung within the budget; ``ladder`` records every rung tried (accuracy, drop, ONNX Runtime CPU
-latency, seconds). QAD trains on the train split minus the budget's frames, so its drop is measured
-on frames it never saw.
+ONNX that the target's backend compiles as its INT8 artifact: on ONNX Runtime in ORT's own layout
+(UINT8 activations, a Q after every conv: QLinearConv fusion) when it passes the parity gate, else
+and on every other backend TensorRT's layout (symmetric INT8, zero point 0, per-channel weights).
+With ``quantize.max_accuracy_drop`` and ``mode: ptq`` the budget is a ladder: PTQ, then PTQ with the
+most damaging nodes in float, then QAD, stopping at the first rung within the budget; ``ladder``
+records every rung tried (accuracy, drop, ONNX Runtime CPU latency, seconds). QAD trains on the train
+split minus the budget's frames, so its drop is measured on frames it never saw.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ def qad_rung(
     from edgekd.data.base import hide_labels
     from edgekd.distill.teacher_cache import cache_key, cached_teacher_outputs, compute_teacher_outputs
     from edgekd.hashing import sha256_file
-    from edgekd.quantize.qad import QadData, qad_loss_method, quantisation_aware_distillation
+    from edgekd.quantize.qad import QadData, qad_loss_method, qdq_layout, quantisation_aware_distillation
     from edgekd.stages.model_import import load_student
     from edgekd.threads import apply_training_threads
 
@@ -284,6 +285,7 @@ def qad_rung(
         batch_size=recipe.distill.train.batch_size,
         seed=recipe.seed,
         score=score,
+        layout=qdq_layout(ctx.target.backend),
         log=ctx.log,
     )
     info["loss"] = {"method": method_name, "asked": recipe.distill.method, "plus": "CE on labels"}
@@ -294,7 +296,7 @@ def qad_rung(
     parity = info["parity"]
     ctx.log(
         f"  QAD: drop {rung['drop']:.4f} (PTQ start {fp32 - info['fake_quant_accuracy_start']:.4f}), "
-        f"parity top-1 {parity['top1_agreement']:.2%}, TensorRT rules "
+        f"parity top-1 {parity['top1_agreement']:.2%}, {info['layout']} layout, TensorRT rules "
         f"{'hold' if info['tensorrt_rules']['complies'] else 'broken'}, {rung['seconds']:.1f} s"
     )
     return info, rung
