@@ -26,6 +26,7 @@ from edgekd.distill.teacher_cache import TeacherOutputs, compute_teacher_outputs
 from edgekd.distill.trainer import LATEST, train
 from edgekd.errors import RecipeError
 from edgekd.recipe import DistillSpec, TrainSpec, load_recipe
+from tests.test_distributed import Tiny  # the trainer-interface model without BatchNorm
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
@@ -34,23 +35,6 @@ NO_CUDA = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (torch.cu
 # rounding (float32 matmuls, TF32 off by default for them), over 3 epochs of 4 steps each.
 GPU_PARAM_ATOL = 1e-3
 GPU_LOSS_ATOL = 1e-3
-
-
-class Tiny(nn.Module):
-    """The model interface the trainer uses (forward_features, head, feature_dim), without BatchNorm."""
-
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.feature_dim = 16
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8, 16), nn.Tanh())
-        self.head = nn.Linear(16, 3)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
 
 
 def _data() -> tuple[ArrayDataset, ArrayDataset]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
-from edgekd.errors import RecipeError
+from edgekd.errors import ModelError, RecipeError
 from edgekd.threads import usable_cores
 
 if TYPE_CHECKING:
@@ -86,6 +86,15 @@ class Backend(ABC):
     @abstractmethod
     def load(self, artifact: Artifact, threads: int | None = None) -> Runner:
         """Load ``artifact`` for inference with ``threads`` intra-op threads (default: all usable cores)."""
+
+    def check_artifact(self, artifact: Artifact) -> None:
+        """Refuse, in one line, an artifact of another backend or one whose file is gone."""
+        if artifact.backend != self.name:
+            raise RecipeError(
+                f"artifact {artifact.path} was built for backend {artifact.backend!r}, not {self.name!r}"
+            )
+        if not artifact.path.is_file():
+            raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
 
     def layer_times(
         self,

@@ -168,12 +168,7 @@ class OnnxRuntimeBackend(Backend):
         """An InferenceSession with edgekd's settings; with ``profile_prefix``, ONNX Runtime's profiler on."""
         import onnxruntime as ort
 
-        if artifact.backend != self.name:
-            raise RecipeError(
-                f"artifact {artifact.path} was built for backend {artifact.backend!r}, not {self.name!r}"
-            )
-        if not artifact.path.is_file():
-            raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
+        self.check_artifact(artifact)
         options = session_options(threads)
         if profile_prefix is not None:
             options.enable_profiling = True

@@ -272,12 +272,7 @@ class TensorRtBackend(Backend):
 
     def load(self, artifact: Artifact, threads: int | None = None) -> TensorRtRunner:
         """Deserialise ``artifact`` on this GPU (``threads`` does not apply: recorded as None)."""
-        if artifact.backend != self.name:
-            raise RecipeError(
-                f"artifact {artifact.path} was built for backend {artifact.backend!r}, not {self.name!r}"
-            )
-        if not artifact.path.is_file():
-            raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
+        self.check_artifact(artifact)
         self._require()
         import tensorrt as trt
 

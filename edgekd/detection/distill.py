@@ -42,13 +42,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from edgekd.detection.boxes import EPS as BOX_EPS
 from edgekd.detection.boxes import box_area, cxcywh_to_xyxy
 from edgekd.detection.criterion import SetCriterion, Targets
-from edgekd.errors import ModelError, RecipeError
+from edgekd.distill.methods.base import validate_options
+from edgekd.errors import ModelError
 from edgekd.models.detr import DETR, SIZES, image_positions
 from edgekd.registry import Registry
 
@@ -327,16 +328,7 @@ def parse_detection_options(
     method: type[DetectionMethod], name: str, given: dict[str, Any]
 ) -> DetectionOptions:
     """``given`` validated into ``method.Options``; a bad name or value is one RecipeError line."""
-    try:
-        return method.Options.model_validate(given)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = f"distill.options.{name}." + ".".join(str(part) for part in first["loc"])
-        known = ", ".join(f"{key}={info.default!r}" for key, info in method.Options.model_fields.items())
-        if first["type"] == "extra_forbidden":
-            hint = f"method {name!r} takes: {known}" if known else f"method {name!r} takes no options"
-            raise RecipeError(f"{where}: unknown option; {hint}") from None
-        raise RecipeError(f"{where}: {first['msg']} (got {first.get('input')!r})") from None
+    return validate_options(method.Options, name, given)
 
 
 def build_detection_method(

@@ -14,7 +14,7 @@ and set from the recipe as ``distill.options.<name>``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +162,7 @@ class DistillMethod(nn.Module):
 
 
 METHODS: Registry[type[DistillMethod]] = Registry("distillation method")
+_Options = TypeVar("_Options", bound=BaseModel)
 
 
 def parse_options(method: type[DistillMethod], spec: DistillSpec, name: str | None = None) -> MethodOptions:
@@ -178,12 +179,18 @@ def parse_options(method: type[DistillMethod], spec: DistillSpec, name: str | No
         if METHODS.canonical(method_name) == canonical
         for key, value in values.items()
     }
+    return validate_options(method.Options, name, given)
+
+
+def validate_options(options: type[_Options], name: str, given: dict[str, Any]) -> _Options:
+    """``given`` validated into the method ``name``'s ``options`` model; a bad name or value is one
+    RecipeError line naming ``distill.options.<name>.<field>`` (classification and detection alike)."""
     try:
-        return method.Options.model_validate(given)
+        return options.model_validate(given)
     except ValidationError as error:
         first = error.errors()[0]
         where = f"distill.options.{name}." + ".".join(str(part) for part in first["loc"])
-        known = ", ".join(f"{key}={info.default!r}" for key, info in method.Options.model_fields.items())
+        known = ", ".join(f"{key}={info.default!r}" for key, info in options.model_fields.items())
         if first["type"] == "extra_forbidden":
             hint = f"method {name!r} takes: {known}" if known else f"method {name!r} takes no options"
             raise RecipeError(f"{where}: unknown option; {hint}") from None
