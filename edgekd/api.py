@@ -33,7 +33,14 @@ def check_names(recipe: Recipe) -> None:
             f"distill.label_fraction={recipe.distill.label_fraction}: method {recipe.distill.method!r} "
             f"needs every label; use one of {semi} or set distill.label_fraction: 1.0"
         )
-    if BACKENDS.get(target.backend).builds_without_runtime:
+    backend = BACKENDS.get(target.backend)
+    if recipe.quantize.mode == "qad" and getattr(backend, "converts_from_torch", False):
+        raise RecipeError(
+            f"quantize.mode = qad is not available for target {target.name}: its backend "
+            f"{target.backend!r} converts the PyTorch student with its own INT8 quantiser; "
+            "set quantize.mode: ptq"
+        )
+    if backend.builds_without_runtime:
         # Builds on the device: without the runtime here the compile stage still writes the bundle.
         from edgekd.stages.device_build import engine_options
 

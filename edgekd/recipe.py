@@ -242,7 +242,7 @@ class QuantizeSpec(Section):
 
 
 class CompileSpec(Section):
-    """Engine build options of backends that compile on the device (TensorRT)."""
+    """Engine build options of backends that compile on the device (TensorRT); the I/O type of MCU models."""
 
     max_batch: int = Field(
         8,
@@ -252,6 +252,12 @@ class CompileSpec(Section):
     )
     dla_core: int | None = Field(
         None, ge=0, description="TensorRT: build for this DLA core (GPU fallback on); null = the GPU"
+    )
+    mcu_io: Literal["int8", "float"] = Field(
+        "int8",
+        description="LiteRT/TFLM (cortex-m* targets): the .tflite's input and output type; int8: the "
+        "firmware quantises the frame with the recorded input scale/zero point; float: float32 in and out, "
+        "QUANTIZE/DEQUANTIZE inside the model at its boundary (every other tensor INT8 either way)",
     )
 
 

@@ -2,11 +2,12 @@
 
 Unlike the other backends it converts from the PyTorch student, not from the ONNX export
 (:mod:`edgekd.mcu.convert` says why): the compile stage passes ``model=`` (the distilled student) and
-``target=``. The artifact is a fully-INT8 ``.tflite``; its metadata ``mcu`` holds the model's ops and
-MACs, the tensor arena TFLM's recording allocator measured, the fit check against the target's flash
-and SRAM, and the cycle estimate. ``load`` runs it under TFLM's Python interpreter (the reference
-kernels, bit-exact with CMSIS-NN by design), so the profile stage's accuracy is that of the artifact
-as the microcontroller runs it.
+``target=``. The artifact is an INT8 ``.tflite`` (INT8 or, with ``compile.mcu_io: float``, float32 inputs and
+outputs); its metadata ``mcu`` holds the model's ops and MACs, its I/O, the tensor arena TFLM's recording
+allocator measured, the fit check against the target's flash and SRAM, and the cycle estimate (also for
+every shipped ``cortex-m*`` target: ``by_target``). ``load`` runs it under TFLM's Python interpreter (the
+reference kernels, bit-exact with CMSIS-NN by design), so the profile stage's accuracy is that of the
+artifact as the microcontroller runs it.
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ class LiteRTBackend(Backend):
         budget: Any = None,
         model: Any = None,
         target: Any = None,
+        io: str = "int8",
     ) -> Artifact:
         """Convert ``model`` (the PyTorch student ``onnx_path`` was exported from) to INT8 ``.tflite``,
-        calibrated on ``calib``; measure its arena under TFLM; check it against ``target``'s ``mcu``."""
+        calibrated on ``calib``, with ``io`` (``compile.mcu_io``: int8 or float) inputs and outputs;
+        measure its arena under TFLM; check it against ``target``'s ``mcu``.
+
+        ``budget`` (``quantize.max_accuracy_drop``) is not applied: PT2E quantises every layer and no
+        layer can be kept in float here; the quantisation record says so (``budget_not_applied``)."""
         from edgekd.mcu.convert import convert_int8
         from edgekd.mcu.cycles import estimate_cycles
         from edgekd.mcu.fit import arena_constant, fit_check
@@ -73,7 +79,13 @@ class LiteRTBackend(Backend):
         if calib is None:
             raise RecipeError(f"backend {self.name!r} builds INT8 only: enable quantize (calibration frames)")
         path = Path(out_dir) / ARTIFACT
-        quantization = convert_int8(model, calib, path)
+        quantization = convert_int8(model, calib, path, io=io)
+        if budget is not None:
+            quantization["budget_not_applied"] = (
+                f"quantize.max_accuracy_drop={budget.max_drop} is not applied on backend {self.name!r}: "
+                f"litert-torch's PT2E quantises every layer to INT8 (no layer kept in float, no QAD rung); "
+                f"compare the TFLM INT8 accuracy with the FP32 row in the report"
+            )
         parsed = read_tflite(path)
         arena = measure_arena(path, calib.data[0])
         frames = calib.data[:AGREEMENT_FRAMES]
@@ -81,6 +93,11 @@ class LiteRTBackend(Backend):
         litert = LiteRTRunner(path).run(frames).argmax(axis=1)
         mcu: dict[str, Any] = {
             "model": parsed.to_dict(),
+            "io": {
+                "type": quantization["io_type"],
+                "input": parsed.inputs[0].to_dict(),
+                "output": parsed.outputs[0].to_dict(),
+            },
             "arena": arena,
             "tensor_arena_bytes": arena_constant(arena["total_bytes"]),
             "interpreter_agreement": {
@@ -94,6 +111,7 @@ class LiteRTBackend(Backend):
             mcu["target"] = target.name
             mcu["fit"] = fit_check(parsed, arena["total_bytes"], spec)
             mcu["cycles"] = estimate_cycles(parsed, spec["core"], spec["clock_mhz"])
+        mcu["by_target"] = _by_target(parsed, arena["total_bytes"])
         metadata = {
             "source": "the distilled PyTorch student (litert-torch), exported ONNX: " + str(onnx_path),
             "format": "TFLite flatbuffer",
@@ -115,3 +133,39 @@ class LiteRTBackend(Backend):
         if not artifact.path.is_file():
             raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
         return TflmRunner(artifact.path)
+
+
+def _by_target(parsed: Any, arena_total: int) -> list[dict[str, Any]]:
+    """Fit check and cycle estimate of the model on every shipped microcontroller target (``targets/``):
+    which of them it fits and how long each core would take (estimates, :mod:`edgekd.mcu.cycles`)."""
+    from edgekd.mcu.cycles import CYCLES_PER_MAC, estimate_cycles
+    from edgekd.mcu.fit import fit_check
+    from edgekd.targets import load_targets
+
+    rows = []
+    cores = list(CYCLES_PER_MAC)  # Cortex-M4, M7, M55: the order of the table
+    shipped = [(name, t) for name, t in load_targets().items() if t.mcu and t.mcu["core"] in cores]
+    shipped.sort(key=lambda item: (cores.index(item[1].mcu["core"]), item[0]))
+    for name, other in shipped:
+        spec = other.mcu
+        if not spec:
+            continue
+        fit = fit_check(parsed, arena_total, spec)
+        cycles = estimate_cycles(parsed, spec["core"], spec["clock_mhz"])
+        rows.append(
+            {
+                "target": name,
+                "core": spec["core"],
+                "part": spec.get("part"),
+                "clock_mhz": spec["clock_mhz"],
+                "fits": fit["fits"],
+                "flash_needed_bytes": fit["flash"]["needed_bytes"],
+                "flash_budget_bytes": fit["flash"]["budget_bytes"],
+                "sram_needed_bytes": fit["sram"]["needed_bytes"],
+                "sram_budget_bytes": fit["sram"]["budget_bytes"],
+                "cycles": cycles["cycles"],
+                "ms": cycles["ms"],
+                "cycles_kind": cycles["kind"],
+            }
+        )
+    return rows

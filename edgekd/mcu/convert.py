@@ -6,6 +6,11 @@ our frames), into a model whose every tensor, inputs and outputs included, is IN
 (onnx2tf) needs TensorFlow (a 645 MB wheel) and its resolver downgrades numpy to 1.26, onnx to 1.19 and
 onnxruntime to 1.23 — edgekd's own pins break — and re-quantises in TensorFlow anyway.
 
+Inputs and outputs: INT8 by default (the converter removes PT2E's Q at the input and DQ at the output;
+the firmware quantises the frame with the recorded input scale / zero point), or float32 with
+``io="float"`` (``compile.mcu_io``): the converter then runs in strict QDQ mode, which keeps those two,
+so the model itself starts with QUANTIZE and ends with DEQUANTIZE and every other tensor is the same INT8.
+
 Quantisation (PT2E, ``get_symmetric_quantization_config``): INT8 activations, per-tensor affine,
 histogram observers; INT8 weights symmetric (per channel by default); INT32 biases. This is the
 TFLite INT8 scheme of Jacob et al., "Quantization and Training of Neural Networks for Efficient
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     from edgekd.quantize.calibration import CalibrationSet
 
 TOOL = "litert-torch PT2E"
+IO_TYPES = ("int8", "float")
 
 
 def _version(name: str) -> str | None:
@@ -52,14 +58,48 @@ def _quiet() -> Any:
             logging.getLogger().setLevel(level)
 
 
-def convert_int8(
-    model: Any, calib: CalibrationSet, out_path: Path, per_channel: bool = True
-) -> dict[str, Any]:
-    """Write ``model`` as a fully-INT8 ``.tflite`` at ``out_path``, calibrated on ``calib``; its record.
+@contextlib.contextmanager
+def _strict_qdq() -> Any:
+    """Run litert-torch's MLIR converter in strict QDQ mode for one conversion: it keeps every Q/DQ pair
+    where PT2E put it, the input's QUANTIZE and the output's DEQUANTIZE included (float32 I/O).
 
-    The record holds the tool and versions, the scheme, the calibration provenance, the input and
-    output scale / zero point (``real = scale * (q - zero_point)``) and the seconds taken.
+    litert-torch (0.10) exposes the converter flag ``strict_qdq_mode`` on its config but no argument of
+    ``litert_torch.convert`` sets it on this (non-TensorFlow) path, so the config is set as the converter
+    passes run and restored afterwards.
     """
+    from litert_torch._convert import litert_converter
+
+    api = getattr(litert_converter, "converter_api_ext", None)
+    original = getattr(api, "run_convert_to_tfl_passes", None)
+    if original is None or not hasattr(api.ConvertToTFLConfig(), "strict_qdq_mode"):
+        raise QuantizeError(
+            f"compile.mcu_io: float needs the strict QDQ mode of litert-torch's converter, which "
+            f"litert-torch {_version('litert-torch')} does not expose; set compile.mcu_io: int8"
+        )
+
+    def passes(module: Any, manager: Any, config: Any) -> Any:
+        config.strict_qdq_mode = True
+        return original(module, manager, config)
+
+    api.run_convert_to_tfl_passes = passes
+    try:
+        yield
+    finally:
+        api.run_convert_to_tfl_passes = original
+
+
+def convert_int8(
+    model: Any, calib: CalibrationSet, out_path: Path, per_channel: bool = True, io: str = "int8"
+) -> dict[str, Any]:
+    """Write ``model`` as an INT8 ``.tflite`` at ``out_path``, calibrated on ``calib``; its record.
+
+    ``io``: ``"int8"`` (every tensor INT8, inputs and outputs included) or ``"float"`` (float32 input and
+    output, QUANTIZE / DEQUANTIZE at the boundary inside the model). The record holds the tool and
+    versions, the scheme, the calibration provenance, the I/O type and, for INT8 I/O, the input and
+    output scale / zero point (``real = scale * (q - zero_point)``), and the seconds taken.
+    """
+    if io not in IO_TYPES:
+        raise QuantizeError(f"compile.mcu_io must be one of {', '.join(IO_TYPES)}, got {io!r}")
     import torch
 
     try:
@@ -79,7 +119,7 @@ def convert_int8(
         pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=per_channel)
     )
     try:
-        with _quiet():
+        with _quiet(), _strict_qdq() if io == "float" else contextlib.nullcontext():
             graph = torch.export.export(model, example).module()
             prepared = quantize_pt2e.prepare_pt2e(graph, quantizer)
             with torch.no_grad():
@@ -91,6 +131,8 @@ def convert_int8(
             )
             with atomic_path(out_path) as tmp:
                 edge.export(str(tmp))
+    except QuantizeError:
+        raise
     except Exception as exc:  # torch.export / the MLIR converter raise many exception types
         raise ExportError(
             f"litert-torch could not convert {type(model).__name__} to INT8 .tflite "
@@ -98,12 +140,18 @@ def convert_int8(
             f"or another target"
         ) from None
     parsed = read_tflite(out_path)
-    not_int8 = [t.name for t in (*parsed.inputs, *parsed.outputs) if t.dtype != "int8"]
-    if not_int8:
-        raise QuantizeError(f"{out_path}: tensors {not_int8} are not INT8; the model is not fully quantised")
+    io_dtype = "int8" if io == "int8" else "float32"
+    wrong = [f"{t.name} ({t.dtype})" for t in (*parsed.inputs, *parsed.outputs) if t.dtype != io_dtype]
+    if wrong:
+        raise QuantizeError(
+            f"{out_path}: input/output tensors {wrong} are not {io_dtype} as compile.mcu_io={io} asks; "
+            f"the converter did not quantise the model as expected (litert-torch {_version('litert-torch')})"
+        )
+    if io == "float" and not {"QUANTIZE", "DEQUANTIZE"} <= set(parsed.op_types):
+        raise QuantizeError(f"{out_path}: float I/O without QUANTIZE/DEQUANTIZE ops: the model is not INT8")
     return {
         "tool": TOOL,
-        "format": "TFLite flatbuffer, fully INT8",
+        "format": "TFLite flatbuffer, fully INT8" if io == "int8" else "TFLite flatbuffer, INT8, float32 I/O",
         "versions": {name: _version(name) for name in ("litert-torch", "torch", "torchao", "ai-edge-litert")},
         "weight_type": "int8",
         "activation_type": "int8",
@@ -111,12 +159,20 @@ def convert_int8(
         "per_channel": per_channel,
         "method": "histogram (PT2E HistogramObserver)",
         "bias_type": "int32",
-        "io_type": "int8",
-        "input_quantization": {"scale": parsed.inputs[0].scale, "zero_point": parsed.inputs[0].zero_point},
-        "output_quantization": {"scale": parsed.outputs[0].scale, "zero_point": parsed.outputs[0].zero_point},
+        "io_type": io_dtype,
+        "input_quantization": _io_quantization(parsed.inputs[0]),
+        "output_quantization": _io_quantization(parsed.outputs[0]),
+        **({"io_boundary": "QUANTIZE at the input, DEQUANTIZE at the output"} if io == "float" else {}),
         "calibration": calib.provenance(),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _io_quantization(tensor: Any) -> dict[str, Any] | None:
+    """Scale and zero point of an INT8 input/output tensor; None for a float32 one."""
+    if tensor.dtype != "int8":
+        return None
+    return {"scale": tensor.scale, "zero_point": tensor.zero_point}
 
 
 def quantize_input(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:

@@ -4,10 +4,11 @@
   array (:mod:`edgekd.bundle.carray`; the same array a C project would use, compiled as C++ here);
 - ``model_ops.h``: the exact ``tflite::MicroMutableOpResolver`` the model needs (one ``Add*`` call per
   builtin op it uses, generated from the model), ``kTensorArenaSize`` from TFLM's recording allocator,
-  the input/output quantisation and the labels. A model that does not fit the target makes this header
+  the input/output type (``kInt8Input`` / ``kInt8Output``), for INT8 I/O its scale and zero point, and
+  the labels. A model that does not fit the target makes this header
   stop the build with ``#error`` and the numbers (define ``EDGEKD_IGNORE_FIT_CHECK`` to build anyway);
-- ``main.cc``: a minimal example (load, allocate, quantise a frame, invoke, arg-max) to copy into a
-  firmware project that links TFLM.
+- ``main.cc``: a minimal example (load, allocate, fill the input — quantising the frame for an INT8
+  input, copying it for a float32 one —, invoke, arg-max) to copy into a firmware project that links TFLM.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def render_ops_header(
             f"TFLM may not support them: change the student or register them by hand"
         )
     inp, out = model.inputs[0], model.outputs[0]
+    _check_io(model)
     calls = "\n".join(
         f"  if (resolver.{RESOLVER_METHODS[op]}() != kTfLiteOk) return kTfLiteError;" for op in model.op_types
     )
@@ -79,16 +81,45 @@ def render_ops_header(
         "inline TfLiteStatus RegisterOps(OpResolver& resolver) {\n"
         f"{calls}\n  return kTfLiteOk;\n}}\n\n"
         f"constexpr size_t kTensorArenaSize = {arena_bytes};\n\n"
-        "// real = scale * (q - zero_point)\n"
-        f"constexpr float kInputScale = {_float(inp.scale)};\n"
-        f"constexpr int kInputZeroPoint = {inp.zero_point};\n"
-        f"constexpr size_t kInputElements = {_elements(inp.shape)};\n"
-        f"constexpr float kOutputScale = {_float(out.scale)};\n"
-        f"constexpr int kOutputZeroPoint = {out.zero_point};\n"
+        + _io_constants(inp, out)
+        + f"constexpr size_t kInputElements = {_elements(inp.shape)};\n"
         f"constexpr int kNumClasses = {_elements(out.shape)};\n"
         f"constexpr const char* kLabels[kNumClasses] = {{{label_list}}};\n\n"
         f"}}  // namespace edgekd\n\n#endif /* {guard} */\n"
     )
+
+
+def _check_io(model: TfliteModel) -> None:
+    for tensor in (model.inputs[0], model.outputs[0]):
+        if tensor.dtype not in ("int8", "float32"):
+            raise ModelError(
+                f"model tensor {tensor.name} is {tensor.dtype}: the firmware handles INT8 or float32 "
+                f"inputs and outputs; reconvert with compile.mcu_io: int8 or float"
+            )
+
+
+def _io_constants(inp: Any, out: Any) -> str:
+    """The I/O type flags and, for an INT8 input/output, its quantisation (``real = scale * (q - zp)``)."""
+    text = (
+        f"// Input {inp.dtype}, output {out.dtype}"
+        + (
+            " (the model quantises/dequantises at its boundary)"
+            if "float32" in (inp.dtype, out.dtype)
+            else ""
+        )
+        + ".\n"
+        f"constexpr bool kInt8Input = {'true' if inp.dtype == 'int8' else 'false'};\n"
+        f"constexpr bool kInt8Output = {'true' if out.dtype == 'int8' else 'false'};\n"
+    )
+    if "int8" in (inp.dtype, out.dtype):
+        text += "// real = scale * (q - zero_point)\n"
+    if inp.dtype == "int8":
+        text += f"constexpr float kInputScale = {_float(inp.scale)};\n"
+        text += f"constexpr int kInputZeroPoint = {inp.zero_point};\n"
+    if out.dtype == "int8":
+        text += f"constexpr float kOutputScale = {_float(out.scale)};\n"
+        text += f"constexpr int kOutputZeroPoint = {out.zero_point};\n"
+    return text
 
 
 def _elements(shape: list[int]) -> int:
@@ -98,8 +129,26 @@ def _elements(shape: list[int]) -> int:
     return count
 
 
-def render_main(tool: str) -> str:
-    """``main.cc``: the smallest complete use of the generated files with TFLM."""
+def render_main(tool: str, input_dtype: str = "int8", output_dtype: str = "int8") -> str:
+    """``main.cc``: the smallest complete use of the generated files with TFLM; an INT8 input is
+    quantised from the float frame, a float32 one is copied; the arg-max reads the output's type."""
+    quantize = (
+        "int8_t Quantize(float x) {\n"
+        "  const float scaled = x / edgekd::kInputScale;\n"
+        "  int q = static_cast<int>(scaled >= 0.0f ? scaled + 0.5f : scaled - 0.5f);\n"
+        "  q += edgekd::kInputZeroPoint;\n"
+        "  if (q < -128) q = -128;\n  if (q > 127) q = 127;\n"
+        "  return static_cast<int8_t>(q);\n}\n"
+        if input_dtype == "int8"
+        else ""
+    )
+    fill = (
+        "  for (size_t i = 0; i < edgekd::kInputElements; ++i) input->data.int8[i] = Quantize(frame[i]);\n"
+        if input_dtype == "int8"
+        else "  // float32 input: the model's first op (QUANTIZE) quantises it\n"
+        "  for (size_t i = 0; i < edgekd::kInputElements; ++i) input->data.f[i] = frame[i];\n"
+    )
+    scores = "output->data.int8" if output_dtype == "int8" else "output->data.f"
     return (
         f"/* Generated by {tool}: a minimal TFLM example over the generated files. Replace the zero frame\n"
         " * with your preprocessed float frame (manifest.json: preprocessing); act on the class.\n"
@@ -110,14 +159,9 @@ def render_main(tool: str) -> str:
         f'#include "{carray.HEADER_FILE}"\n'
         f'#include "{OPS_FILE}"\n\n'
         "namespace {\n"
-        "alignas(16) uint8_t tensor_arena[edgekd::kTensorArenaSize];\n\n"
-        "int8_t Quantize(float x) {\n"
-        "  const float scaled = x / edgekd::kInputScale;\n"
-        "  int q = static_cast<int>(scaled >= 0.0f ? scaled + 0.5f : scaled - 0.5f);\n"
-        "  q += edgekd::kInputZeroPoint;\n"
-        "  if (q < -128) q = -128;\n  if (q > 127) q = 127;\n"
-        "  return static_cast<int8_t>(q);\n}\n"
-        "}  // namespace\n\n"
+        "alignas(16) uint8_t tensor_arena[edgekd::kTensorArenaSize];\n"
+        + ("\n" + quantize if quantize else "")
+        + "}  // namespace\n\n"
         "// Returns the predicted class of one frame (or -1 on an error).\n"
         "int Classify(const float* frame) {\n"
         "  const tflite::Model* model = tflite::GetModel(model_data);\n"
@@ -130,12 +174,12 @@ def render_main(tool: str) -> str:
         "  tflite::MicroInterpreter interpreter(model, resolver, tensor_arena, edgekd::kTensorArenaSize);\n"
         "  if (interpreter.AllocateTensors() != kTfLiteOk) return -1;\n"
         "  TfLiteTensor* input = interpreter.input(0);\n"
-        "  for (size_t i = 0; i < edgekd::kInputElements; ++i) input->data.int8[i] = Quantize(frame[i]);\n"
-        "  if (interpreter.Invoke() != kTfLiteOk) return -1;\n"
+        + fill
+        + "  if (interpreter.Invoke() != kTfLiteOk) return -1;\n"
         "  const TfLiteTensor* output = interpreter.output(0);\n"
         "  int best = 0;\n"
         "  for (int c = 1; c < edgekd::kNumClasses; ++c) {\n"
-        "    if (output->data.int8[c] > output->data.int8[best]) best = c;\n  }\n"
+        f"    if ({scores}[c] > {scores}[best]) best = c;\n  }}\n"
         "  return best;\n}\n\n"
         "int main() {\n"
         "  static float frame[edgekd::kInputElements] = {0.0f};\n"
@@ -160,7 +204,8 @@ def write_firmware(
     (work / carray.HEADER_FILE).write_text(carray.render_header(artifact_file, sha256, len(data), tool))
     (work / SOURCE_FILE).write_text(carray.render_source(data, artifact_file, sha256, tool))
     (work / OPS_FILE).write_text(render_ops_header(model, arena_bytes, labels, fit, target, tool))
-    (work / MAIN_FILE).write_text(render_main(tool))
+    inp, out = model.inputs[0], model.outputs[0]
+    (work / MAIN_FILE).write_text(render_main(tool, inp.dtype, out.dtype))
     return {
         "artifact": artifact_file,
         "precision": "int8",
@@ -176,6 +221,14 @@ def write_firmware(
         "runtime": "TensorFlow Lite Micro",
         "ops": model.op_types,
         "tensor_arena_bytes": arena_bytes,
+        "io": {
+            "type": inp.dtype if inp.dtype == out.dtype else f"{inp.dtype} in, {out.dtype} out",
+            "input": inp.to_dict(),
+            "output": out.to_dict(),
+            "firmware_input": "quantised from the float frame with input scale/zero point"
+            if inp.dtype == "int8"
+            else "the float frame, copied (QUANTIZE inside the model)",
+        },
         "tflm_headers": list(TFLM_HEADERS),
         "fits": fit["fits"],
     }

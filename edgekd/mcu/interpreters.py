@@ -2,8 +2,9 @@
 the microcontroller runs, reference versions) and with the LiteRT interpreter; and measure the tensor
 arena TFLM needs with its ``RecordingMicroAllocator``.
 
-Both runners take float frames and return float logits: the input is quantised with the model's
-recorded input scale / zero point and the INT8 output dequantised, exactly as firmware does. The
+Both runners take float frames and return float logits: an INT8 input is quantised with the model's
+recorded input scale / zero point and an INT8 output dequantised, exactly as firmware does; a float32
+input or output (``compile.mcu_io: float``: the model quantises at its boundary) is passed as it is. The
 models are converted with batch 1 (as they run on the device), so a batch is run frame by frame.
 """
 
@@ -42,14 +43,22 @@ def _tflm() -> Any:
 
 
 class _QuantisedRunner:
-    """Shared: quantise float frames, run each, dequantise the logits."""
+    """Shared: quantise float frames (INT8 input), run each, dequantise the logits (INT8 output)."""
 
     info: dict[str, Any]
 
     def __init__(self, model: TfliteModel, path: Path) -> None:
         self._in, self._out = model.inputs[0], model.outputs[0]
-        if self._in.scale is None or self._out.scale is None:
-            raise ModelError(f"{path}: input or output has no per-tensor quantisation; reconvert it as INT8")
+        for tensor in (self._in, self._out):
+            if tensor.dtype not in ("int8", "float32"):
+                raise ModelError(
+                    f"{path}: tensor {tensor.name} is {tensor.dtype}; edgekd runs INT8 or float32 inputs "
+                    f"and outputs: reconvert it (compile.mcu_io: int8 or float)"
+                )
+            if tensor.dtype == "int8" and tensor.scale is None:
+                raise ModelError(
+                    f"{path}: INT8 tensor {tensor.name} has no per-tensor quantisation; reconvert it"
+                )
         self._shape = tuple(self._in.shape[1:])
         self._path = path
 
@@ -63,9 +72,12 @@ class _QuantisedRunner:
                 f"{self._path} takes frames of shape {list(self._shape)}, "
                 f"got a batch of shape {list(batch.shape)}"
             )
-        q = quantize_input(batch, self._in.scale, self._in.zero_point)
-        out = np.stack([self._invoke(frame[None])[0] for frame in q]) if len(q) else np.zeros((0,))
-        return dequantize(out, self._out.scale, self._out.zero_point)
+        if self._in.dtype == "int8":
+            batch = quantize_input(batch, self._in.scale, self._in.zero_point)
+        out = np.stack([self._invoke(frame[None])[0] for frame in batch]) if len(batch) else np.zeros((0,))
+        if self._out.dtype == "int8":
+            return dequantize(out, self._out.scale, self._out.zero_point)
+        return np.asarray(out, np.float32)
 
 
 class TflmRunner(_QuantisedRunner):

@@ -163,6 +163,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         *_deployment(report.get("deployment"), report["rows"]),
         *_not_measured(report),
         *_load_warning(report),
+        *_mcu(report),
         *_per_snr(report),
         *slowest_layers(report["rows"]),
         "",
@@ -273,6 +274,160 @@ def _deployment(decision: dict[str, Any] | None, rows: list[dict[str, Any]]) -> 
             if (arena := (row.get("memory") or {}).get("runtime_arena"))
         ),
     ]
+
+
+def _mcu(report: dict[str, Any]) -> list[str]:
+    """Microcontroller targets (issue 15): the ``.tflite``'s accuracy under TFLM, its I/O, the flash and
+    SRAM it needs against the target's budget (arena measured by TFLM), and the cycle estimate per core."""
+    lines: list[str] = []
+    for record in report["artifacts"]:
+        mcu = (record.get("metadata") or {}).get("mcu")
+        if not mcu:
+            continue
+        quant = record["metadata"].get("quantization") or {}
+        name = str(record["path"]).rsplit("/", 1)[-1]
+        row = next(
+            (
+                r
+                for r in report["rows"]
+                if r.get("runtime") == record["backend"]
+                and r["precision"] == record["precision"]
+                and "measured_on" not in r
+            ),
+            None,
+        )
+        lines += ["", f"## Microcontroller: {report['target']['name']}", ""]
+        if row is not None and row.get("accuracy"):
+            info = row.get("runtime_info") or {}
+            lines.append(
+                f"- Accuracy of `{name}` under {info.get('interpreter', 'TensorFlow Lite Micro')} "
+                f"{info.get('version') or ''}: **{row['accuracy']['accuracy']:.4f}** on the held-out split "
+                f"({row['accuracy']['n']} frames), agreement with the FP32 model "
+                f"{_agreement(row['accuracy'])}. "
+                f"Its latency columns above are this host running TFLM's reference kernels, not the "
+                f"microcontroller."
+            )
+        else:
+            lines.append(f"- Accuracy of `{name}` under TFLM: not measured here.")
+        if agree := mcu.get("interpreter_agreement"):
+            lines.append(
+                f"- TFLM vs LiteRT interpreter: top-1 agreement {agree['tflm_vs_litert_top1']:.4f} on "
+                f"{agree['frames']} frames — {agree['frames_from']}."
+            )
+        lines.append(f"- Inputs/outputs: {_mcu_io(mcu.get('io'), quant)}.")
+        if note := quant.get("budget_not_applied"):
+            lines.append(f"- Note: {note}.")
+        lines += _mcu_fit(mcu)
+        lines += _mcu_cycles(mcu)
+    return lines
+
+
+def _mcu_io(io: dict[str, Any] | None, quant: dict[str, Any]) -> str:
+    if io is None:  # a record from before the I/O option
+        inp = quant.get("input_quantization")
+        return "int8" + (f" (input scale {inp['scale']:.6g}, zero point {inp['zero_point']})" if inp else "")
+    inp, out = io["input"], io["output"]
+    if inp["dtype"] == "float32" and out["dtype"] == "float32":
+        return (
+            "float32 (compile.mcu_io: float; QUANTIZE/DEQUANTIZE inside the model, every other tensor INT8)"
+        )
+    parts = []
+    for what, tensor in (("input", inp), ("output", out)):
+        if tensor["dtype"] == "int8":
+            parts.append(f"{what} int8, scale {tensor['scale']:.6g}, zero point {tensor['zero_point']}")
+        else:
+            parts.append(f"{what} {tensor['dtype']}")
+    return "; ".join(parts) + " (real = scale × (q − zero point); the firmware quantises the frame)"
+
+
+def _mcu_fit(mcu: dict[str, Any]) -> list[str]:
+    fit = mcu.get("fit")
+    if fit is None:
+        return ["- Fit check: the target has no flash/SRAM budget (no mcu section)."]
+    flash, sram = fit["flash"], fit["sram"]
+    kernels = flash["kernel_bytes"]
+    verdict = "**fits**" if fit["fits"] else "**does NOT fit**: " + "; ".join(fit["problems"])
+    arena = mcu.get("arena") or {}
+    return [
+        "",
+        f"Fit against {mcu.get('target', 'the target')}'s budget: {verdict}.",
+        "",
+        *_table(
+            ["memory", "needed", "budget", "share", "made of"],
+            [
+                [
+                    "flash",
+                    f"{flash['needed_bytes']:,} B",
+                    f"{flash['budget_bytes']:,} B",
+                    f"{flash['share']:.1%}",
+                    f"model {flash['model_bytes']:,} B (exact) + TFLM framework "
+                    f"{flash['framework_bytes']:,} B + {len(kernels)} kernels "
+                    f"{sum(kernels.values()):,} B (estimates)",
+                ],
+                [
+                    "SRAM",
+                    f"{sram['needed_bytes']:,} B",
+                    f"{sram['budget_bytes']:,} B",
+                    f"{sram['share']:.1%}",
+                    f"tensor arena {sram['arena_bytes']:,} B (kTensorArenaSize; measured "
+                    f"{sram['arena_measured_bytes']:,} B) + I/O buffers {sram['io_bytes']:,} B",
+                ],
+            ],
+        ),
+        "",
+        f"Arena: {arena.get('measured_by', 'TFLM RecordingMicroAllocator')}"
+        + (
+            f", head {arena['head_bytes']:,} B + tail {arena['tail_bytes']:,} B"
+            if arena.get("head_bytes") is not None and arena.get("tail_bytes") is not None
+            else ""
+        )
+        + ". Stack and the application's own memory are not included.",
+    ]
+
+
+def _mcu_cycles(mcu: dict[str, Any]) -> list[str]:
+    cycles = mcu.get("cycles")
+    lines = []
+    if cycles is not None:
+        measured = cycles.get("measured_cycles")
+        lines += [
+            "",
+            f"Cycles per inference on {cycles['core']} @ {cycles['clock_mhz']:g} MHz: "
+            f"**{cycles['cycles']:,} (estimate)** ≈ {cycles['ms']:.2f} ms, {cycles['macs']:,} MACs "
+            f"({cycles['model']}); measured on a board: "
+            + ("none (a serial runner is a later step)." if measured is None else f"{measured:,}."),
+        ]
+    others = mcu.get("by_target")
+    if others:
+        lines += [
+            "",
+            "Every shipped microcontroller target (cycles and ms are estimates; flash/SRAM as above):",
+            "",
+            *_table(
+                [
+                    "target",
+                    "core @ MHz",
+                    "flash needed / budget",
+                    "SRAM needed / budget",
+                    "fits",
+                    "est. cycles",
+                    "est. ms",
+                ],
+                [
+                    [
+                        f"**{o['target']}**" if o["target"] == mcu.get("target") else o["target"],
+                        f"{o['core']} @ {o['clock_mhz']:g}",
+                        f"{human_bytes(o['flash_needed_bytes'])} / {human_bytes(o['flash_budget_bytes'])}",
+                        f"{human_bytes(o['sram_needed_bytes'])} / {human_bytes(o['sram_budget_bytes'])}",
+                        "yes" if o["fits"] else "no",
+                        f"{o['cycles']:,}",
+                        f"{o['ms']:.2f}",
+                    ]
+                    for o in others
+                ],
+            ),
+        ]
+    return lines
 
 
 def _training(report: dict[str, Any]) -> list[str]:

@@ -82,6 +82,8 @@ def _config(recipe: Recipe) -> dict[str, Any]:
     if _quantizes_itself(target):
         fields = ("target", "seed", "data", "quantize", *(("distill",) if may_run_qad(recipe) else ()))
     backend = BACKENDS.get(target.backend)
+    if getattr(backend, "converts_from_torch", False):
+        fields = (*fields, "compile")  # compile.mcu_io
     if backend.builds_without_runtime:  # whether engines are built here changes the outputs
         return {
             **recipe_fields("target", "compile")(recipe),
@@ -139,6 +141,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
                 from edgekd.mcu.fit import describe
 
                 ctx.log(f"  {ctx.target.name}: {describe(fit)}")
+            if (note := artifact.metadata["quantization"].get("budget_not_applied")) is not None:
+                ctx.log(f"  warning: {note}")
             log_kept_in_float(ctx, artifact.metadata["quantization"].get("kept_in_float"))
             control = artifact.metadata["quantization"].get("accuracy_control")
             if control is not None:
@@ -161,7 +165,11 @@ def _torch_source(ctx: RunContext) -> dict[str, Any]:
     from edgekd.stages.model_import import load_student, student_stage
 
     onnx_model = ctx.results[student_stage(ctx)].outputs.get("format") == "onnx"
-    return {"model": None if onnx_model else load_student(ctx), "target": ctx.target}
+    return {
+        "model": None if onnx_model else load_student(ctx),
+        "target": ctx.target,
+        "io": ctx.recipe.compile.mcu_io,
+    }
 
 
 def _openvino_from_qdq(
