@@ -19,7 +19,7 @@ import numpy as np
 
 from edgekd.backends import BACKENDS
 from edgekd.backends.base import Artifact, Backend
-from edgekd.errors import ExportError, ModelError, RecipeError
+from edgekd.errors import ExportError, RecipeError
 from edgekd.hashing import sha256_file
 
 if TYPE_CHECKING:
@@ -126,12 +126,7 @@ class LiteRTBackend(Backend):
         """TFLM's interpreter over ``artifact`` (single-threaded, as on the microcontroller)."""
         from edgekd.mcu.interpreters import TflmRunner
 
-        if artifact.backend != self.name:
-            raise RecipeError(
-                f"artifact {artifact.path} was built for backend {artifact.backend!r}, not {self.name!r}"
-            )
-        if not artifact.path.is_file():
-            raise ModelError(f"artifact {artifact.path} not found; run the compile stage again")
+        self.check_artifact(artifact)
         return TflmRunner(artifact.path)
 
 
