@@ -78,8 +78,15 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
                 load_checkpoint(spec.checkpoint)
     ctx = ctx or RunContext(recipe=recipe, run_dir=recipe.run_dir)
     train_set, _, meta = ctx.dataset  # built now: a bad data file fails here, before any training
-    for role, spec in roles:
-        _check_model(role, spec.model, spec.checkpoint, train_set, meta, spec.kwargs, spec.hint_layers)
+    built = {
+        role: _check_model(role, spec.model, spec.checkpoint, train_set, meta, spec.kwargs, spec.hint_layers)
+        for role, spec in roles
+    }
+    if "student" in built:  # what the method needs of the models (e.g. dmae: a ViT student)
+        from edgekd.distill.methods import METHODS
+
+        method = recipe.distill.method
+        METHODS.get(method).check_models(method, built["student"], built["teacher"])
     _check_calibration(recipe, stages, train_set, meta)
     return ctx
 
@@ -159,8 +166,9 @@ def _check_model(
     meta: Any,
     kwargs: dict[str, Any] | None = None,
     hint_layers: list[str] | None = None,
-) -> None:
-    """Build ``name`` for the dataset, load ``checkpoint`` into it (it must fit) and run two samples.
+) -> Any:
+    """Build ``name`` for the dataset, load ``checkpoint`` into it (it must fit) and run two samples;
+    return the model.
 
     ``kwargs`` and ``hint_layers`` are the recipe section's; an ONNX teacher's input shape is checked
     against the data's as it is built."""
@@ -195,6 +203,7 @@ def _check_model(
             f"{meta.source}: {what} {size} do not fit the {role} {name!r} ({first_line(exc)[:120]}); "
             "use larger inputs (data.frame_length, data.image_size or another file) or another model"
         ) from None
+    return model
 
 
 def compress(

@@ -330,6 +330,7 @@ def methods() -> None:
             label
             for label, flag in (
                 ("teacher", method.needs_teacher),
+                ("teacher (run by the method, live)", method.runs_teacher_itself),
                 ("feature maps (live teacher)", method.needs_feature_maps),
                 ("mixes inputs (live teacher)", method.mixes_inputs),
                 ("held-out slice", method.held_out_fraction > 0),

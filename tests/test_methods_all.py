@@ -22,7 +22,7 @@ def tiny_data() -> ArrayDataset:
     return ArrayDataset(x, y, None)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
+@pytest.mark.parametrize("name", [name for name in METHODS.names() if name != "dmae"])  # dmae: ViT, test_dmae
 def test_method_trains_the_student_and_never_the_teacher(name, tiny_data, tmp_path) -> None:
     torch.manual_seed(0)
     # A teacher that is *not* frozen and left in train mode: if the trainer or a method let a

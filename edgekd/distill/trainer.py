@@ -137,7 +137,7 @@ class _LossModule(nn.Module):
     ) -> torch.Tensor:
         method = self.method
         outputs = model_outputs(self.model, x, method.needs_features, method.needs_feature_maps)
-        return method.loss(outputs, teacher, y, state)
+        return method.loss(outputs, teacher, y, {**state, "inputs": x})
 
 
 def _loss_function(
@@ -231,6 +231,7 @@ def train(
     method.prepare(model, y_all, dataset_outputs)
     model.to(device)  # after prepare: what a method installs on the student moves with it
     method.to(device)
+    method.bind_models(model, source.teacher)  # for methods that run model parts themselves (dmae)
     params = [*model.parameters(), *method.student_parameters()]
     world, rank = distributed.world_size(), distributed.rank()
     local_batch = spec.batch_size // world  # batch_size is the global batch (divisible: checked)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,13 +57,14 @@ class TimmClassifier(nn.Module):
         in_channels: int = 3,
         pretrained: bool = False,
         role: str = "model",
+        **timm_kwargs: Any,
     ) -> None:
         super().__init__()
         timm = _timm()
         name = check_timm_name(model_name)
-        try:
+        try:  # timm_kwargs: the recipe's kwargs, to timm.create_model (e.g. img_size, patch_size, depth)
             backbone = timm.create_model(
-                name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels
+                name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels, **timm_kwargs
             )
         except Exception as exc:  # hub/network/file errors come in many types
             if not pretrained:

@@ -77,7 +77,9 @@ class DistillMethod(nn.Module):
     - ``mixes_inputs``: :meth:`mix_batch` mixes samples, so the teacher runs live on the mixed batch;
     - ``supports_missing_labels``: the method trains with part of the labels missing (``y == -1``);
     - ``needs_teacher_dataset``: :meth:`prepare` receives the teacher's outputs for the train split;
-    - ``held_out_fraction``: share of the train split the trainer holds back for :meth:`meta_step`.
+    - ``held_out_fraction``: share of the train split the trainer holds back for :meth:`meta_step`;
+    - ``runs_teacher_itself``: the method runs the teacher module it gets from :meth:`bind_models`
+      (e.g. only up to a distilled layer, on a masked view), so the trainer passes no teacher outputs.
 
     Teacher tensors are constants to a method: losses detach them, so no gradient ever reaches the
     teacher, whether its outputs come from a cache or from a live forward pass.
@@ -90,6 +92,7 @@ class DistillMethod(nn.Module):
     supports_missing_labels: ClassVar[bool] = False
     held_out_fraction: ClassVar[float] = 0.0
     needs_teacher_dataset: ClassVar[bool] = False
+    runs_teacher_itself: ClassVar[bool] = False
 
     Options: ClassVar[type[MethodOptions]] = MethodOptions
 
@@ -120,7 +123,8 @@ class DistillMethod(nn.Module):
         """Scalar loss for one batch.
 
         ``state`` holds ``epoch`` (0-based), ``epochs``, ``step`` (0-based, global), ``steps``
-        (total) and, for methods that mix inputs, ``mix`` (a :class:`MixedBatch`).
+        (total), ``inputs`` (the batch the student saw) and, for methods that mix inputs, ``mix``
+        (a :class:`MixedBatch`).
         """
         raise NotImplementedError
 
@@ -134,6 +138,15 @@ class DistillMethod(nn.Module):
         """Called once before the optimiser is built, with the student, the train labels (-1:
         unlabelled) and, for methods that set ``needs_teacher_dataset``, the teacher's outputs for
         the whole train split (in order). Methods with their own inference head install it here."""
+
+    @classmethod
+    def check_models(cls, method: str, student: nn.Module, teacher: nn.Module) -> None:
+        """Preflight, before any training: raise a one-line RecipeError when the built models cannot
+        serve this method (e.g. ``dmae`` needs a ViT student). Default: any models."""
+
+    def bind_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called once before training with the student and the teacher module (on the training
+        device), for methods that run parts of the models themselves (``dmae``). Default: nothing."""
 
     def mix_batch(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> MixedBatch | None:
         """Mix the input batch in place of the trainer's plain batch (mixup methods); ``None``: no mixing."""

@@ -47,8 +47,8 @@ class MaskedGenerativeKD(DistillMethod):
     the same weight per map (α_mgd · N_ref times the mean squared error) as in the authors' setting,
     whatever the map size; with ``scale_to_map`` false, α = α_mgd exactly as in the official code.
 
-    The masked-autoencoder distiller of Bai et al. (DMAE, CVPR 2023) is a different method and is
-    not implemented here. ``distill.temperature`` and ``distill.alpha`` are not used.
+    The masked-autoencoder distiller of Bai et al. (DMAE, CVPR 2023) is a different method: ``dmae``
+    (:mod:`edgekd.distill.methods.dmae`). ``distill.temperature`` and ``distill.alpha`` are not used.
     """
 
     needs_feature_maps = True
