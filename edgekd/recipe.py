@@ -102,7 +102,8 @@ class TeacherSpec(Section):
         "edgekd:clst", description=f"teacher model: {MODEL_SOURCES}, or onnx:FILE.onnx (outputs only)"
     )
     kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments of the model factory (py:/module:, or timm.create_model for timm:), beside num_classes"
+        default_factory=dict,
+        description="keyword arguments of the model factory (py:/module:, or timm.create_model), beside num_classes",
     )
     hint_layers: list[str] | None = Field(
         None, description="module names whose outputs feature-map methods use (default: found automatically)"
@@ -140,7 +141,8 @@ class StudentSpec(Section):
         description=f"student model: {MODEL_SOURCES}; for edgekd deploy also onnx:FILE.onnx",
     )
     kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments of the model factory (py:/module:, or timm.create_model for timm:), beside num_classes"
+        default_factory=dict,
+        description="keyword arguments of the model factory (py:/module:, or timm.create_model), beside num_classes",
     )
     hint_layers: list[str] | None = Field(
         None, description="module names whose outputs feature-map methods use (default: found automatically)"
