@@ -103,7 +103,7 @@ class TeacherSpec(Section):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="keyword arguments of the model factory (py:/module:, or timm.create_model), beside num_classes",
+        description="keyword arguments of the model factory (py:/module:; timm.create_model for timm:)",
     )
     hint_layers: list[str] | None = Field(
         None, description="module names whose outputs feature-map methods use (default: found automatically)"
@@ -142,7 +142,7 @@ class StudentSpec(Section):
     )
     kwargs: dict[str, Any] = Field(
         default_factory=dict,
-        description="keyword arguments of the model factory (py:/module:, or timm.create_model), beside num_classes",
+        description="keyword arguments of the model factory (py:/module:; timm.create_model for timm:)",
     )
     hint_layers: list[str] | None = Field(
         None, description="module names whose outputs feature-map methods use (default: found automatically)"
