@@ -254,12 +254,15 @@ def _load_split(
         size = spec.image_size
         x = FileArray(root, relative, (3, size, size), partial(read_normalised, size=size), spec.workers)
         return ArrayDataset(x, labels[keep], None), provenance
-    images, provenance = [], []
-    for index in keep:
+    # filled in place, one normalised image at a time: the split is held once, not as a list, a stack
+    # and a normalised copy (normalise_images works per image, so the values are those of a batch call)
+    images = np.empty((len(keep), 3, spec.image_size, spec.image_size), dtype=np.float32)
+    provenance = []
+    for row, index in enumerate(keep):
         pixels, digest = _read_image(paths[index], spec.image_size)
-        images.append(pixels)
+        images[row] = normalise_images(pixels)
         provenance.append([paths[index].relative_to(root).as_posix(), digest])
-    return ArrayDataset(normalise_images(np.stack(images)), labels[keep], None), provenance
+    return ArrayDataset(images, labels[keep], None), provenance
 
 
 def stream_images(spec: DataSpec, train_images: int) -> bool:
