@@ -128,8 +128,11 @@ def _one(runs: Path, case: str, sets: list[str], seed: int, variant: str, extra:
     if variant == "ptq_float_nodes" and ladder and ladder[-1]["rung"] == "qad":
         # The float-node rung missed the budget and the ladder went on to QAD (0 epochs here, so it
         # costs little): the row is the float-node rung's own model, measured on the same frames.
-        rung = next(r for r in ladder if r["rung"] == "ptq_float_nodes")
-        if rung["file"] is None:  # every node ended in float: the FP32 model
+        # (on OpenVINO the float-node rung is NNCF's accuracy control)
+        rung = next(r for r in ladder if r["rung"] in ("ptq_float_nodes", "nncf_accuracy_control"))
+        if rung["rung"] == "nncf_accuracy_control":  # its IR was replaced by QAD's: NNCF's own figure
+            accuracy, p50, source = rung["accuracy"], None, "NNCF accuracy control's own validation"
+        elif rung["file"] is None:  # every node ended in float: the FP32 model
             accuracy, p50, source = fp32["accuracy"], fp32["latency"]["p50_ms"], "no INT8 left: FP32"
         else:
             accuracy, p50 = _held_out_onnx(run, report, rung["file"])
