@@ -95,7 +95,7 @@ def main() -> None:
         for name in args.settings:
             methods = METHODS_BY_SETTING[name]
             results[name] = benchmark_task(f"radio-{name}", SETTINGS[name], args.seeds, methods, runs_dir)
-            results[name].update(overrides=SETTINGS[name], methods=methods, environment=environment())
+            results[name].update(overrides=SETTINGS[name], environment=environment())
             document = {"benchmark": "kd_settings", "seeds": args.seeds, "settings": results}
             atomic.write_json(args.out, document)
     finally:
