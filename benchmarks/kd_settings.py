@@ -48,12 +48,12 @@ SETTINGS: dict[str, list[str]] = {
     "unlabelled": ["data.frames_per_class_snr=200", "distill.label_fraction=0.2", "distill.method=kd"],
     "labelled-5x": ["data.frames_per_class_snr=200"],
 }
-# methods per setting: the strongest of the kd_methods table (TAID, KD), plus DHO where labels are missing
+# methods per setting: the strongest of the kd_methods table (TAID) and Hinton KD
 METHODS_BY_SETTING = {
     "default": ["none", "kd", "taid"],
     "long": ["none", "kd", "taid"],
     "long-bank": ["none", "kd", "taid"],
-    "unlabelled": ["none", "kd", "taid", "dho"],
+    "unlabelled": ["none", "kd", "taid"],
     "labelled-5x": ["none"],  # the student alone: a reference point, not a distillation setting
 }
 
