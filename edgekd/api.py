@@ -148,6 +148,13 @@ def _check_device(recipe: Recipe) -> None:
     host = device_host(recipe)
     if host is None:
         return
+    target = resolve_target(recipe.target)
+    if target.mcu is not None:
+        raise DeviceError(
+            f"device {host}: target {target.name} is a microcontroller, which edgekd does not reach over "
+            "SSH (a board over a serial runner is a later step; the cycle figure is an estimate): drop "
+            "--device / device.host"
+        )
     DeviceAddress.parse(host)
     for field, path in (
         ("device.known_hosts", recipe.device.known_hosts),

@@ -481,3 +481,13 @@ def test_qad_on_a_microcontroller_target_is_one_line(tmp_path: Path) -> None:
     )
     assert_user_error(result, "quantize.mode = qad is not available for target cortex-m4")
     assert not any(tmp_path.iterdir())
+
+
+@needs_mcu  # without the extra, the missing backend is the one line (checked first)
+def test_a_device_for_a_microcontroller_target_is_one_line(tmp_path: Path) -> None:
+    """A Cortex-M board is not an SSH host: said before any work, not after the bundle."""
+    result = run_cli(
+        "compress", "--target", "cortex-m4", "--device", "pi@127.0.0.1", "--set", f"runs_dir={tmp_path}"
+    )
+    assert_user_error(result, "target cortex-m4 is a microcontroller", "drop --device")
+    assert not any(tmp_path.iterdir())
