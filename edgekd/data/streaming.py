@@ -21,6 +21,7 @@ in memory, and an ImageFolder streams only when it would not fit (``data.stream:
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 from edgekd.errors import EdgekdError
+
+WORKER_START = "forkserver"  # how DataLoader workers start (see load_batches)
 
 # what a reader returns per file: one decoded, normalised sample
 Reader = Callable[[str], np.ndarray]
@@ -197,12 +200,17 @@ def load_batches(
         return
     assert isinstance(x, FileArray)
     workers = x.workers if workers is None else workers
+    if workers:
+        multiprocessing.set_forkserver_preload(["torch", "numpy", "PIL.Image", __name__])
     loader = torch.utils.data.DataLoader(
         _BatchDataset(x, transform),
         batch_sampler=[np.asarray(indices, dtype=np.int64).tolist() for indices in batches],
         num_workers=workers,
         collate_fn=_as_is,
         worker_init_fn=_seed_worker if workers else None,
+        # Workers fork from a clean server process (preloaded with torch), never from this one: a fork
+        # of a process holding other runtimes' threads (OpenVINO, ONNX Runtime, LiteRT) can crash.
+        multiprocessing_context=WORKER_START if workers else None,
         generator=torch.Generator().manual_seed(seed % 2**63),
     )
     for item in loader:
