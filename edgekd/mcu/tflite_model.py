@@ -7,7 +7,7 @@ Reads the flatbuffer with the schema module that ``tflite-micro`` ships (the mcu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +74,7 @@ class TensorInfo:
     zero_point: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "shape": self.shape,
-            "dtype": self.dtype,
-            "scale": self.scale,
-            "zero_point": self.zero_point,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -92,13 +86,7 @@ class OpInfo:
     output_elements: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "op": self.op,
-            "inputs": self.inputs,
-            "output": self.output,
-            "macs": self.macs,
-            "output_elements": self.output_elements,
-        }
+        return asdict(self)
 
 
 @dataclass
