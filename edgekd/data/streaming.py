@@ -11,12 +11,13 @@ caller's own list of index batches (the trainer's seeded permutation), so a stre
 exactly the batches an in-memory run visits, and decoding plus the augmentation bank run in
 ``data.workers`` worker processes, seeded from the run's seed. In-memory arrays are indexed directly.
 
-Which is faster where (measured once: ``benchmarks/streaming_memory.py --sizes 2000``, a generated
-folder of 2,000 32x32 PNGs, one epoch of edgekd's teacher stage on ``timm:mobilenetv3_small_050``,
-this project's shared 2-core CPU): in memory 311 samples/s, streamed with 2 workers 155 samples/s
-(stage wall time, reading and hashing the files included). Decoding a PNG per visit costs more than
-holding it decoded, so the built-in sets (radio-synthetic, digits, npz), which fit in memory, stay
-in memory, and an ImageFolder streams only when it would not fit (``data.stream: auto``).
+Which is faster where (``benchmarks/streaming_memory.py``, results/streaming_memory.json: a generated
+folder of 32x32 PNGs, one epoch of edgekd's teacher stage on ``timm:mobilenetv3_small_050``, this
+project's shared 2-core CPU): at 4,000 images, in memory 296.6 samples/s, streamed with 2 workers
+234.3 samples/s (the JSON's ``samples_per_s``; its other rows are larger folders). Decoding a PNG
+per visit costs more than holding it decoded, so the built-in sets (radio-synthetic, digits, npz),
+which fit in memory, stay in memory, and an ImageFolder streams only when it would not fit
+(``data.stream: auto``).
 """
 
 from __future__ import annotations
