@@ -14,6 +14,10 @@ from edgekd.recipe import Recipe, load_recipe
 from edgekd.stages import PIPELINE, STAGE_NAMES, pipeline_for
 from edgekd.targets import resolve_target
 
+#: The backends a detection run compiles for (the others, e.g. LiteRT for microcontrollers, have no
+#: detection export, evaluation or post-processing path).
+DETECTION_BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+
 
 def check_names(recipe: Recipe) -> None:
     """The cheap part of :func:`preflight`: the target, model and method names and options, and the
@@ -24,8 +28,16 @@ def check_names(recipe: Recipe) -> None:
 
     target = resolve_target(recipe.target)
     check_model_sources(recipe)  # every source resolves; onnx: only as a teacher, without hint maps
-    method = METHODS.get(recipe.distill.method)
-    for name in recipe.distill.options:
+    from edgekd.tasks import DETECTION, check_recipe
+
+    detection = check_recipe(recipe) == DETECTION  # models, method and options fit the data's task
+    if detection and target.backend not in DETECTION_BACKENDS:
+        raise RecipeError(
+            f"target {target.name} ({target.backend}) cannot run a DETR detector; detection runs on "
+            f"{', '.join(DETECTION_BACKENDS)} targets: choose --target x86-ort, x86-openvino or a jetson"
+        )
+    method = METHODS.get("none" if detection else recipe.distill.method)
+    for name in [] if detection else recipe.distill.options:
         parse_options(METHODS.get(name), recipe.distill, name)
     if recipe.distill.label_fraction < 1 and not method.supports_missing_labels:
         semi = ", ".join(name for name in METHODS.names() if METHODS.get(name).supports_missing_labels)
@@ -82,7 +94,7 @@ def preflight(recipe: Recipe, ctx: RunContext | None = None, until: str | None =
         role: _check_model(role, spec.model, spec.checkpoint, train_set, meta, spec.kwargs, spec.hint_layers)
         for role, spec in roles
     }
-    if "student" in built:  # what the method needs of the models (e.g. dmae: a ViT student)
+    if "student" in built and meta.task != "detection":  # what the method needs (e.g. dmae: a ViT student)
         from edgekd.distill.methods import METHODS
 
         method = recipe.distill.method
@@ -180,6 +192,11 @@ def _check_model(
     ``kwargs`` and ``hint_layers`` are the recipe section's; an ONNX teacher's input shape is checked
     against the data's as it is built."""
     import torch
+
+    if meta.task == "detection":  # a DETR on images with boxes (edgekd.tasks)
+        from edgekd.tasks import check_detector
+
+        return check_detector(role, name, checkpoint, train_set, meta, kwargs)
 
     from edgekd.errors import DataError, first_line
     from edgekd.models import build_model
@@ -327,6 +344,7 @@ def deploy_preflight(recipe: Recipe, ctx: RunContext, until: str | None = None) 
 
     names = DEPLOY_STAGE_NAMES
     stages = names if until is None else names[: names.index(until) + 1]
+    _refuse_detection(recipe)
     _check_backend(recipe)
     spec = recipe.student
     proto = None
@@ -352,6 +370,21 @@ def deploy_preflight(recipe: Recipe, ctx: RunContext, until: str | None = None) 
         imported.check_torch_model(recipe, train_set, meta)
     _check_calibration(recipe, stages, train_set, meta)
     return ctx
+
+
+def _refuse_detection(recipe: Recipe) -> None:
+    """``edgekd deploy`` takes classifiers only: a detector (DETR checkpoint or ONNX) on detection data
+    goes through ``edgekd compress``, which starts the student from the user's weights."""
+    from edgekd.tasks import DETECTION, task_of
+
+    if task_of(recipe.data.name) != DETECTION:
+        return
+    data = recipe.data.name
+    raise RecipeError(
+        f"edgekd deploy: --data {data} is a detection dataset, and deploy takes classifiers only (a DETR "
+        f"deployed as it is is not supported yet); run `edgekd compress --data {data} --student "
+        f"edgekd:detr-mnv3 --set student.checkpoint=YOUR.pt` instead (distillation starts from your weights)"
+    )
 
 
 def _check_backend(recipe: Recipe) -> None:
@@ -468,7 +501,7 @@ def report_follows(run_dir: Path, decision: dict[str, Any]) -> bool:
     the recipe's decision, so the two always agree.
     """
     from edgekd import atomic
-    from edgekd.report.build import headline
+    from edgekd.report.build import detection_headline, headline
     from edgekd.report.markdown import render_markdown
 
     report_file = run_dir / "report.json"
@@ -476,12 +509,12 @@ def report_follows(run_dir: Path, decision: dict[str, Any]) -> bool:
     if report.get("deployment") == json.loads(json.dumps(decision)):  # as report.json holds it
         return False
     report["deployment"] = decision
+    rows = [row for row in report["rows"] if "measured_on" not in row]  # as the report stage: host rows
     report["headline"] = headline(
-        [row for row in report["rows"] if "measured_on" not in row],  # as the report stage: host rows
-        report.get("not_measured") or [],
-        deploy=report.get("mode") == "deploy",
-        deployment=decision,
+        rows, report.get("not_measured") or [], deploy=report.get("mode") == "deploy", deployment=decision
     )
+    if report.get("task") == "detection":
+        report["headline"] = detection_headline(report["headline"], rows)
     atomic.write_json(report_file, report)
     atomic.write_text(run_dir / "report.md", render_markdown(report))
     return True

@@ -85,10 +85,17 @@ def compress(
         ),
     ] = None,
     data: Annotated[
-        str | None, typer.Option(help="dataset: radio-synthetic, rml2016, rml2018, digits, imagefolder")
+        str | None,
+        typer.Option(
+            help="dataset: radio-synthetic, rml2016, rml2018, digits, imagefolder, npz:FILE; detection: "
+            "scenes (built in), coco, yolo"
+        ),
     ] = None,
     data_path: Annotated[
-        Path | None, typer.Option(help="dataset file (rml2016/rml2018) or directory (imagefolder)")
+        Path | None,
+        typer.Option(
+            help="dataset file (rml2016/rml2018, coco: annotations .json) or directory (imagefolder, yolo)"
+        ),
     ] = None,
     teacher: Annotated[
         str | None, typer.Option(help="teacher model, e.g. edgekd:clst or timm:resnet18")
@@ -207,14 +214,14 @@ def deploy(
 
 def _print_report(report: dict[str, Any], until: str | None, run_dir: Path | None) -> None:
     """The summary table, headline and report paths of a finished run (or where it stopped)."""
-    from edgekd.report.markdown import SUMMARY_HEADER, summary_rows
+    from edgekd.report.markdown import summary_header, summary_rows
 
     if "rows" not in report:
         console.print(f"stopped after stage {until!r}" + (f"; outputs in {run_dir}" if run_dir else ""))
         return
     run_dir = run_dir or Path(report["recipe"]["runs_dir"]) / report["run"]
     table = Table(title=f"edgekd · {report['run']} · target {report['target']['name']}")
-    for column in SUMMARY_HEADER:
+    for column in summary_header(report):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in summary_rows(report):
         table.add_row(*row)
@@ -315,13 +322,14 @@ def benchmark(
 
 @app.command()
 def methods() -> None:
-    """List the distillation methods: paper, options with their defaults, and what each needs."""
+    """List the distillation methods of each task: paper, options with their defaults, what each needs."""
+    from edgekd.detection.distill import DETECTION_METHODS
     from edgekd.distill.methods import METHODS
 
     table = Table(
         title="edgekd distillation methods (recipe: distill.method, distill.options.<method>.<option>)"
     )
-    for column in ("method", "paper / loss", "options (default)", "needs"):
+    for column in ("method", "task", "paper / loss", "options (default)", "needs"):
         table.add_column(column, overflow="fold")
     for name in METHODS.names():
         method = METHODS.get(name)
@@ -339,7 +347,12 @@ def methods() -> None:
             if flag
         ]
         summary = " ".join((method.__doc__ or "").strip().split("\n\n")[0].split())
-        table.add_row(name, summary, options or "-", ", ".join(needs) or "labels only")
+        table.add_row(name, "classification", summary, options or "-", ", ".join(needs) or "labels only")
+    for name in DETECTION_METHODS.names():  # DETR students on detection data (scenes, coco, yolo)
+        method = DETECTION_METHODS.get(name)
+        options = ", ".join(f"{key}={info.default!r}" for key, info in method.Options.model_fields.items())
+        needs = "boxes, teacher (DETR)" if method.needs_teacher else "boxes only"
+        table.add_row(name, "detection", method.paper, options or "-", needs)
     console.print(table)
 
 

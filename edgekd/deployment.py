@@ -119,7 +119,9 @@ def _label(candidate: dict[str, Any]) -> str:
     return candidate["precision"].upper()
 
 
-def _rule_reason(chosen: dict[str, Any], measured: list[dict[str, Any]], max_drop: float) -> str:
+def _rule_reason(
+    chosen: dict[str, Any], measured: list[dict[str, Any]], max_drop: float, metric: str = "accuracy"
+) -> str:
     """One sentence: how each other measured candidate compares, then what is deployed."""
     parts = []
     for other in measured:
@@ -127,7 +129,7 @@ def _rule_reason(chosen: dict[str, Any], measured: list[dict[str, Any]], max_dro
             continue
         if not other["budget_met"]:
             parts.append(
-                f"{_label(other)} drops {other['drop_vs_fp32']:.4f} accuracy, over the budget of {max_drop:g}"
+                f"{_label(other)} drops {other['drop_vs_fp32']:.4f} {metric}, over the budget of {max_drop:g}"
             )
         elif other["speedup_vs_fp32"] is not None and other["precision"] != "fp32":
             parts.append(f"{_label(other)} is {_ratio(other['speedup_vs_fp32'])}x FP32 on this target")
@@ -149,6 +151,7 @@ def decide(
     max_drop: float | None = None,
     pinned: str | None = None,
     target: str = "the target",
+    metric: str = "accuracy",
 ) -> dict[str, Any]:
     """The deployment decision (see the module docstring) as a JSON-ready record.
 
@@ -156,7 +159,9 @@ def decide(
     run-relative path of the compile record they measured); ``artifacts``: the compile stage's
     records (``path``, ``backend``, ``precision``); ``unbuilt``: artifacts left to the device (its
     ``unbuilt_artifacts``); ``max_drop``: ``quantize.max_accuracy_drop``; ``pinned``: a precision
-    that overrides the rule. A pinned precision that was not built is a RecipeError.
+    that overrides the rule. A pinned precision that was not built is a RecipeError. ``metric`` names
+    what the rows' ``accuracy`` measures in the reason (a detection run's is COCO mAP: the budget is
+    then on the mAP drop); the record adds ``metric`` only when it is not ``"accuracy"``.
     """
     unbuilt = unbuilt or []
     budget_drop = DEFAULT_MAX_DROP if max_drop is None else max_drop
@@ -182,7 +187,7 @@ def decide(
         chosen = next(c for c in candidates if c["precision"] == pinned)
         rule_says = "" if ruled is None else f"; the rule would deploy {_label(ruled)}"
         if ruled is chosen:
-            rule_says = f"; the rule agrees ({_rule_reason(ruled, measured, budget_drop)})"
+            rule_says = f"; the rule agrees ({_rule_reason(ruled, measured, budget_drop, metric)})"
         reason = (
             f"{_label(chosen)} is pinned (bundle.artifact or edgekd bundle --artifact): deploying "
             f"{_label(chosen)}{rule_says}"
@@ -190,10 +195,10 @@ def decide(
     elif ruled is not None:
         how = "rule" if within else "rule (budget missed)"
         chosen = ruled
-        reason = _rule_reason(chosen, measured, budget_drop)
+        reason = _rule_reason(chosen, measured, budget_drop, metric)
         if not within:
             reason = (
-                f"no artifact meets the accuracy budget (FP32 {ref_accuracy:.4f} - {budget_drop:g}): "
+                f"no artifact meets the {metric} budget (FP32 {ref_accuracy:.4f} - {budget_drop:g}): "
                 f"deploying the most accurate, {_label(chosen)}"
             )
     elif candidates:
@@ -221,8 +226,8 @@ def decide(
             "candidates": [],
         }
     chosen["chosen"] = True
-    return {
-        "rule": RULE,
+    record = {
+        "rule": RULE if metric == "accuracy" else RULE.replace("accuracy budget", f"{metric} budget"),
         "how": how,
         "precision": chosen["precision"],
         "backend": chosen["backend"],
@@ -233,6 +238,9 @@ def decide(
         "budget": _budget(max_drop, budget_drop, reference, floor),
         "candidates": candidates,
     }
+    if metric != "accuracy":
+        record["metric"] = metric
+    return record
 
 
 def _budget(

@@ -55,6 +55,13 @@ class RunContext:
     results: dict[str, StageResult] = field(default_factory=dict)
     forced: set[str] = field(default_factory=set)  # stages run with --force (start afresh, reuse nothing)
 
+    @property
+    def task(self) -> str:
+        """The run's task kind (:data:`edgekd.tasks.TASKS`), from the dataset source the recipe names."""
+        from edgekd.tasks import task_of
+
+        return task_of(self.recipe.data.name)
+
     @cached_property
     def target(self) -> Target:
         return resolve_target(self.recipe.target)
@@ -64,7 +71,8 @@ class RunContext:
         """(train, val, meta), built once per process and shared by every stage."""
         from edgekd.data import build_dataset
 
-        return build_dataset(self.recipe.data, seed=self.recipe.seed)
+        recipe = self.recipe  # built-in detection scenes are written under <runs_dir>/../data
+        return build_dataset(recipe.data, seed=recipe.seed, data_dir=recipe.runs_dir.parent / "data")
 
     def output(self, stage: str, key: str) -> Any:
         return self.results[stage].outputs[key]

@@ -12,10 +12,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from yaml.events import AliasEvent
 
-from edgekd import teachers
+from edgekd import tasks, teachers
 from edgekd.errors import RecipeError
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "radio-default.yaml"
@@ -34,6 +42,7 @@ MAX_SEED = 2**32 - 1
 _RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _SHOWN_INPUT = 60  # characters of a bad value repeated in an error line
 FILE_SOURCES = ("npz",)  # dataset names that may carry their file: ``npz:FILE``
+DETECTION_DATA_FIELDS = ("images", "scenes")  # DataSpec fields only detection sources read
 
 
 class Section(BaseModel):
@@ -46,11 +55,12 @@ class DataSpec(Section):
     name: str = Field(
         "radio-synthetic",
         description="dataset registry name: radio-synthetic, rml2016, rml2018, digits, imagefolder, "
-        "npz (or npz:FILE, which sets path)",
+        "npz (or npz:FILE, which sets path); detection: scenes (built in), coco, yolo",
     )
     path: Path | None = Field(
         None,
-        description="file for rml2016 (.pkl) / rml2018 (.hdf5) / npz (.npz); directory for imagefolder",
+        description="file for rml2016 (.pkl) / rml2018 (.hdf5) / npz (.npz) / coco (annotations .json); "
+        "directory for imagefolder / yolo",
     )
     frames_per_class_snr: int = Field(40, ge=1, description="synthetic frames per (modulation, SNR) pair")
     snr_min: int = Field(-20, ge=-40, le=40, description="lowest SNR in dB kept")
@@ -73,6 +83,28 @@ class DataSpec(Section):
         description="streamed data: DataLoader worker processes that decode (and augment) batches; "
         "0 = decode in the training process",
     )
+    # Detection sources only (edgekd.data.detection_sources). Left out of the recipe's dump while unset,
+    # so classification recipes (and their stage fingerprints) are exactly what they were.
+    images: Path | None = Field(
+        None,
+        description="coco: the folder the annotations' file_name entries are relative to "
+        "(default: the json's folder, then its images/ subfolder)",
+    )
+    scenes: int | None = Field(
+        None,
+        ge=2,
+        description="scenes (built-in detection set): how many scenes to generate, split into train and "
+        "held-out by data.val_fraction (default 1200)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_detection_fields(self, handler: Any) -> dict[str, Any]:
+        """The detection-only fields appear in a dump only when set (classification dumps unchanged)."""
+        data = handler(self)
+        for name in DETECTION_DATA_FIELDS:
+            if getattr(self, name) is None:
+                data.pop(name, None)
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -239,8 +271,16 @@ class QuantizeSpec(Section):
         "fine-tuned against the teacher, one QDQ ONNX for every backend); with max_accuracy_drop, "
         "ptq climbs the ladder PTQ -> PTQ with float nodes -> QAD until the budget is met",
     )
-    qad_epochs: int = Field(3, ge=0, description="QAD: fine-tuning epochs of the fake-quantised student")
+    qad_epochs: int = Field(10, ge=0, description="QAD: fine-tuning epochs of the fake-quantised student")
     qad_lr: float | None = Field(None, gt=0, description="QAD: learning rate; null = distill.train.lr / 30")
+    qad_learn_ranges: bool = Field(
+        False,
+        description="QAD: learn the activation scales and zero points (LSQ) from their calibrated values, "
+        "then freeze them for export; false: keep the calibrated ranges",
+    )
+    qad_range_lr: float | None = Field(
+        None, gt=0, description="QAD: learning rate of the learned activation ranges; null = 10 x the QAD lr"
+    )
 
 
 class CompileSpec(Section):
@@ -328,6 +368,30 @@ class Recipe(Section):
     profile: ProfileSpec = Field(default_factory=ProfileSpec)
     bundle: BundleSpec = Field(default_factory=BundleSpec)
     device: DeviceSpec = Field(default_factory=DeviceSpec)
+
+    @model_validator(mode="after")
+    def _detection_defaults(self) -> Recipe:
+        """A detection dataset (:func:`edgekd.tasks.task_of`) takes the detection defaults
+        (:data:`edgekd.tasks.DETECTION_DEFAULTS`, :data:`~edgekd.tasks.DETECTION_TRAIN`) for every field
+        the recipe leaves unset: the DETR teacher and student, CLoCKDistill, 128 px, DAB-DETR's
+        optimiser settings. Fields the recipe sets are kept (and checked by the preflight,
+        :func:`edgekd.tasks.check_recipe`). Classification recipes are untouched."""
+        if tasks.task_of(self.data.name) != tasks.DETECTION:
+            return self
+        for dotted, value in tasks.DETECTION_DEFAULTS.items():
+            section_name, field_name = dotted.split(".")
+            section = getattr(self, section_name)
+            if section_name not in self.model_fields_set or field_name not in section.model_fields_set:
+                setattr(section, field_name, value)
+        for section_name, defaults in tasks.DETECTION_TRAIN.items():
+            section = getattr(self, section_name)
+            given = section.model_fields_set if section_name in self.model_fields_set else set()
+            train = section.train
+            kept = train.model_fields_set if "train" in given else set()
+            for field_name, value in defaults.items():
+                if field_name not in kept:
+                    setattr(train, field_name, value)
+        return self
 
     @model_validator(mode="after")
     def _default_teacher_for_its_task_only(self) -> Recipe:
@@ -553,5 +617,36 @@ def load_recipe(path: Path | None = None, overrides: list[str] | None = None) ->
                 "add the fields to set, or leave out --recipe for the default recipe"
             )
         data = {}
+    if path is None:  # the default recipe's classification choices give way to a detection dataset's
+        data = _for_task(data, overrides or [])
     data = apply_overrides(data, overrides or [])
     return build_recipe(data, source=str(source))
+
+
+# Fields of the default (radio) recipe file that are classification choices: with a detection dataset
+# (``edgekd compress --data scenes``) they are left out, so :meth:`Recipe._detection_defaults` fills
+# the detection defaults in (an override still sets any of them).
+CLASSIFICATION_CHOICES = (
+    ("teacher", "model"),
+    ("teacher", "train"),
+    ("student", "model"),
+    ("distill", "method"),
+    ("distill", "train"),
+    ("data", "image_size"),
+)
+
+
+def _for_task(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The default recipe's fields, without its classification choices when the overrides name a
+    detection dataset."""
+    import copy
+
+    resolved = apply_overrides(copy.deepcopy(data), overrides)
+    name = resolved.get("data", {}).get("name") if isinstance(resolved.get("data"), dict) else None
+    if not isinstance(name, str) or tasks.task_of(name) != tasks.DETECTION:
+        return data
+    data = copy.deepcopy(data)
+    for section, field in CLASSIFICATION_CHOICES:
+        if isinstance(data.get(section), dict):
+            data[section].pop(field, None)
+    return data

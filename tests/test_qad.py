@@ -13,10 +13,13 @@ from torch import nn
 from edgekd.api import compress
 from edgekd.errors import QuantizeError
 from edgekd.quantize.qad import (
+    LAYOUTS,
     QadData,
     attach_fake_quant,
     calibrate,
+    fine_tune,
     fold_batchnorm,
+    freeze_all,
     parity_gate,
     qad_loss_method,
     qdq_layout,
@@ -31,7 +34,8 @@ from tests.test_bundle import TINY
 @pytest.fixture(scope="module")
 def qad_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = tmp_path_factory.mktemp("runs")
-    compress(None, [f"runs_dir={runs}", "name=qad", *TINY, "quantize.mode=qad"], log=lambda _: None)
+    sets = [*TINY, "quantize.mode=qad", "quantize.qad_epochs=3"]
+    compress(None, [f"runs_dir={runs}", "name=qad", *sets], log=lambda _: None)
     return runs / "qad"
 
 
@@ -46,6 +50,7 @@ def test_qad_compress_to_report_on_radio(qad_run: Path) -> None:
     fusable = quant["qlinear_fusable"]
     assert fusable["fusable"] == fusable["conv_gemm_matmul"] == quant["quantized_layers"] > 0
     assert quant["loss"]["method"] == "skd" and quant["batchnorm_folded"] > 0
+    assert not quant["learn_ranges"] and quant["range_change"] == {"median": 0.0, "max": 0.0}  # the default
     [rung] = report["budget_ladder"]
     assert rung["rung"] == "qad" and rung["latency_ms"] > 0 and rung["seconds"] > 0
     int8 = next(a for a in report["artifacts"] if a["precision"] == "int8")
@@ -85,7 +90,9 @@ def _separable_frames(count: int, seed: int, classes: int = 4) -> tuple[np.ndarr
     return (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32), y
 
 
-def _qad(tmp_path: Path, layout: str, per_channel: bool = True) -> tuple[dict, Path, nn.Module]:
+def _qad(
+    tmp_path: Path, layout: str, per_channel: bool = True, learn_ranges: bool = False
+) -> tuple[dict, Path, nn.Module]:
     """QAD of a briefly trained _RadioNet (its own logits x 2 as the teacher's), one epoch, in ``layout``."""
     from edgekd.recipe import Recipe
 
@@ -105,7 +112,8 @@ def _qad(tmp_path: Path, layout: str, per_channel: bool = True) -> tuple[dict, P
     path = tmp_path / f"{layout}.onnx"
     record = quantisation_aware_distillation(
         student, (2, 128), x[:128], QadData(x, y, teacher_logits), method, path, held_out,
-        per_channel=per_channel, epochs=1, lr=1e-4, batch_size=64, seed=0, layout=layout, log=lambda _: None,
+        per_channel=per_channel, epochs=1, lr=1e-4, batch_size=64, seed=0, layout=layout,
+        learn_ranges=learn_ranges, range_lr=1e-3, log=lambda _: None,
     )  # fmt: skip
     return record, path, student
 
@@ -205,6 +213,81 @@ def test_onnxruntime_layout_refused_by_the_gate_falls_back_to_tensorrt_layout(
     assert "ONNX Runtime's QDQ layout refused" in record["layout_fallback"]
     assert "top-1 agreement" in record["layout_fallback"] and "\n" not in record["layout_fallback"]
     assert tensorrt_qdq_violations(path, per_channel=True) == []
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_learned_ranges_train_then_freeze_to_the_exported_constants(layout: str) -> None:
+    # LSQ: the activation scales (and ORT's zero points) are parameters while fine-tuning; freezing
+    # copies them into the constants the core fake-quant op (and so the exported Q/DQ) uses, exactly.
+    from edgekd.recipe import Recipe
+
+    torch.manual_seed(0)
+    student = _RadioNet().eval()
+    x, y = _separable_frames(128, 0)
+    model, _ = fold_batchnorm(student, torch.from_numpy(x[:8]))
+    wrappers = attach_fake_quant(model, True, layout)
+    calibrate(model, wrappers, x)
+    calibrated = torch_logits(model, x)
+    before = [float(w.act_scale) for w in wrappers]
+    for wrapper in wrappers:
+        wrapper.learn_ranges()
+    assert np.array_equal(torch_logits(model, x), calibrated)  # learning starts from calibration
+    assert len([n for n, _ in model.named_parameters() if n.endswith("_range")]) == 3 * (
+        4 if layout == "onnxruntime" else 1
+    )
+    method, _ = qad_loss_method(Recipe().distill.model_copy(update={"method": "kd"}), 4, 16)
+    history = fine_tune(
+        model, method, QadData(x, y, 2 * torch_logits(student, x)), 2, 1e-4, 32, 0, lambda _: None, 1e-3
+    )
+    assert len(history) == 2
+    learned = torch_logits(model, x)
+    freeze_all(model)
+    assert all(w.learned is None and w.frozen for w in wrappers)
+    after = [float(w.act_scale) for w in wrappers]
+    assert all(abs(a / b - 1) > 1e-3 for a, b in zip(after, before, strict=True))  # the ranges moved
+    np.testing.assert_array_equal(torch_logits(model, x), learned)  # frozen = what was trained
+    zeros = [int(w.act_zero) for w in wrappers] + [int(w.out_zero) for w in wrappers]
+    assert all(0 <= z <= 255 for z in zeros) and (any(zeros) == (layout == "onnxruntime"))
+
+
+def test_chained_convs_share_one_learned_range_so_ort_computes_what_was_trained(tmp_path: Path) -> None:
+    # conv -> conv (nothing between) exports Q -> DQ -> Q -> DQ on one tensor; ONNX Runtime merges a
+    # DQ -> Q pair of different ranges into a new one, so learned ranges are tied there (one Parameter).
+    # A reshape between two layers keeps the chain; an in-place activation between them breaks it.
+    from edgekd.quantize.qad import chained_pairs, export_qdq, onnx_logits, tie_learned_ranges
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3),
+        nn.Flatten(), nn.Linear(8 * 6 * 6, 4),
+    ).eval()  # fmt: skip
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    wrappers = attach_fake_quant(model, True, "onnxruntime")
+    calibrate(model, wrappers, x)
+    for wrapper in wrappers:
+        wrapper.learn_ranges()
+    pairs = chained_pairs(model, wrappers, torch.from_numpy(x[:4]))
+    assert [(wrappers.index(a), wrappers.index(b)) for a, b in pairs] == [(0, 1), (2, 3)]
+    assert float(wrappers[0].out_scale) == float(wrappers[1].act_scale)  # calibrated: the same tensor
+    assert tie_learned_ranges(pairs) == 2
+    assert wrappers[1].learned["act_scale_range"] is wrappers[0].learned["out_scale_range"]
+    with torch.no_grad():  # ranges as training might leave them: every quantiser moved, each its own way
+        for i, wrapper in enumerate(wrappers):
+            for name, value in wrapper.learned.items():
+                value.mul_(1.2 + 0.1 * i) if "scale" in name else value.add_(3.0 + i)
+    path = tmp_path / "tied.onnx"
+    export_qdq(model, (3, 8, 8), path)
+    np.testing.assert_allclose(onnx_logits(path, x), torch_logits(model, x), atol=1e-4)
+
+
+def test_learned_ranges_export_passes_the_parity_gate(tmp_path: Path) -> None:
+    record, path, _ = _qad(tmp_path, "onnxruntime", learn_ranges=True)
+    assert record["learn_ranges"] and record["range_lr"] == 1e-3 and "learned (LSQ)" in record["ranges"]
+    assert record["parity"]["passed"] and record["parity"]["top1_agreement"] >= 0.99
+    assert record["range_change"]["max"] > 0 and record["layout_fallback"] is None
+    assert record["qlinear_fusable"] == {"fusable": 3, "conv_gemm_matmul": 3}
+    fixed, _, _ = _qad(tmp_path / "fixed", "onnxruntime")
+    assert not fixed["learn_ranges"] and fixed["range_change"] == {"median": 0.0, "max": 0.0}
 
 
 def test_ladder_reaches_qad_when_ptq_misses(tmp_path: Path) -> None:

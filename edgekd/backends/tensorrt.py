@@ -122,6 +122,17 @@ class TensorRtRunner:
             self._context.report_to_profiler()  # the finished launch's per-layer times
         return self._output.astype(np.float32)  # a copy: the next run reuses the host buffer
 
+    def named_outputs(self) -> dict[str, np.ndarray]:
+        """Every output of the last :meth:`run` by name, as float32 host copies (a detector's
+        ``logits`` and ``boxes``: :class:`edgekd.profile.detection_post.OutputsRunner`)."""
+        found = {}
+        for name in self._outputs:
+            dtype = _numpy_dtype(self._trt, self._engine.get_tensor_dtype(name))
+            found[name] = np.empty(tuple(self._context.get_tensor_shape(name)), dtype)
+            self._buffers[name].download(found[name], self.stream)
+        self.stream.synchronize()
+        return {name: value.astype(np.float32) for name, value in found.items()}
+
     def time_layers(self) -> dict[str, list[float]]:
         """From now on, collect each layer's time in every ``run`` (TensorRT's ``IProfiler``); returns
         the dict it fills: layer name -> ms in each run."""

@@ -50,15 +50,21 @@ class TorchRunner:
             "version": torch.__version__,
         }
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _input(self, batch: np.ndarray) -> Any:
+        """``batch`` as a float32 CPU tensor, with this runner's thread count re-applied."""
         torch = self._torch
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         array = np.ascontiguousarray(batch, dtype=np.float32)
         if not array.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. memory maps)
             array = array.copy()
+        return torch.from_numpy(array)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        tensor = self._input(batch)
         with torch.inference_mode():
-            output = self.model(torch.from_numpy(array))
+            output = self.model(tensor)
         if not isinstance(output, torch.Tensor):
             raise ModelError(
                 f"{self.info['model_class']} returned {type(output).__name__}, expected a logits tensor"

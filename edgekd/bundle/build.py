@@ -140,6 +140,7 @@ def deployment_decision(ctx: RunContext, precision: str | None = None) -> dict[s
         max_drop=ctx.recipe.quantize.max_accuracy_drop,
         pinned=precision or ctx.recipe.bundle.artifact,
         target=ctx.target.name,
+        **({"metric": "mAP"} if ctx.task == "detection" else {}),
     )
 
 
@@ -163,10 +164,48 @@ def _eval_arrays(ctx: RunContext) -> dict[str, np.ndarray] | None:
     if limit == 0:
         return None
     _, val_set, _ = ctx.dataset
+    if ctx.task == "detection":
+        return detection_eval_arrays(val_set, limit)
     arrays = {"x": np.ascontiguousarray(val_set.x[:limit], dtype=np.float32), "y": val_set.y[:limit]}
     if val_set.snr is not None:
         arrays["groups"] = val_set.snr[:limit]
     return arrays
+
+
+def detection_eval_arrays(val_set: Any, limit: int | None) -> dict[str, np.ndarray]:
+    """A detection eval set: images ``x`` and the ground truth flattened (``gt_counts`` per image, then
+    ``gt_boxes`` cxcywh in [0, 1] and ``gt_labels``), with each image's ``letterbox`` record."""
+    count = len(val_set) if limit is None else min(limit, len(val_set))
+    boxes, labels = val_set.boxes[:count], val_set.labels[:count]
+    return {
+        "x": np.ascontiguousarray(val_set.images[:count], dtype=np.float32),
+        "gt_counts": np.array([len(b) for b in labels], dtype=np.int64),
+        "gt_boxes": np.concatenate([np.asarray(b, np.float32).reshape(-1, 4) for b in boxes]),
+        "gt_labels": np.concatenate([np.asarray(b, np.int64).reshape(-1) for b in labels]),
+        "letterbox": np.asarray(val_set.letterbox[:count], dtype=np.float32),
+    }
+
+
+def _eval_set_record(ctx: RunContext, eval_arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    if ctx.task == "detection":
+        return {
+            "file": EVAL_FILE,
+            "frames": len(eval_arrays["x"]),
+            "split": "held-out (the first images of the split the profile stage evaluates)",
+            "arrays": {
+                "x": "model inputs (letterboxed, normalised)",
+                "gt_counts": "objects per image",
+                "gt_boxes": "ground-truth boxes, cxcywh in [0, 1] of the input, image after image",
+                "gt_labels": "ground-truth class indices, same order",
+                "letterbox": "per image: scale_x, scale_y, pad_x, pad_y, original width, height",
+            },
+        }
+    return {
+        "file": EVAL_FILE,
+        "frames": len(eval_arrays["y"]),
+        "split": "held-out (the first frames of the split the profile stage evaluates)",
+        "arrays": {"x": "model inputs (preprocessed)", "y": _label_source(ctx), "groups": "SNR in dB"},
+    }
 
 
 def _copy_artifacts(ctx: RunContext, work: Path) -> list[str]:
@@ -245,15 +284,16 @@ def _fill(ctx: RunContext, work: Path, decision: dict[str, Any]) -> dict[str, An
         "outputs": (chosen or {}).get("outputs"),
         "quantization": (chosen or {}).get("quantization"),
         "device_build": {"files": device_build, "unbuilt": _unbuilt(ctx, work)} if device_build else None,
-        "eval_set": None
-        if eval_arrays is None
-        else {
-            "file": EVAL_FILE,
-            "frames": len(eval_arrays["y"]),
-            "split": "held-out (the first frames of the split the profile stage evaluates)",
-            "arrays": {"x": "model inputs (preprocessed)", "y": _label_source(ctx), "groups": "SNR in dB"},
-        },
+        "eval_set": None if eval_arrays is None else _eval_set_record(ctx, eval_arrays),
+        **({"postprocessing": postprocessing_record()} if ctx.task == "detection" else {}),
     }
+
+
+def postprocessing_record() -> dict[str, Any]:
+    """A detector's post-processing as the manifest records it and the device runner applies it."""
+    from edgekd.profile.detection_post import spec
+
+    return spec()
 
 
 def _manifest_decision(decision: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +322,8 @@ def _training(ctx: RunContext) -> dict[str, Any]:
             "trained": "elsewhere (edgekd deploy)",
             "origin": origin,
         }
-    return {"method": ctx.output("distill", "method"), "augmentation": ctx.output("distill", "augment")}
+    outputs = ctx.results["distill"].outputs
+    return {"method": outputs["method"], "augmentation": outputs.get("augment")}  # detection: no augment
 
 
 def _write_c_array(work: Path, chosen: dict[str, Any]) -> dict[str, Any]:

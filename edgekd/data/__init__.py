@@ -3,7 +3,8 @@
 Built in: ``radio-synthetic`` (default, no download), ``rml2016`` / ``rml2016.10a`` and
 ``rml2018`` / ``rml2018.01a`` (see :mod:`edgekd.data.radio`); ``digits`` (scikit-learn's, no
 download) and ``imagefolder`` (see :mod:`edgekd.data.vision`); ``npz`` (a user's own arrays, see
-:mod:`edgekd.data.arrays`). An ImageFolder can stream from disk (``data.stream``,
+:mod:`edgekd.data.arrays`); for detection, ``scenes`` (built in), ``coco`` and ``yolo`` (see
+:mod:`edgekd.data.detection_sources`). An ImageFolder can stream from disk (``data.stream``,
 :mod:`edgekd.data.streaming`); the other sources are held in memory.
 """
 
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
+from edgekd.data import detection_sources  # noqa: F401  (registers scenes, coco, yolo)
 from edgekd.data.arrays import as_float32, scale_inputs, unscale_inputs
 from edgekd.data.base import (
     DATASETS,
@@ -30,6 +33,7 @@ from edgekd.data.streaming import FileArray, is_streamed
 from edgekd.data.vision import IMAGE_NORMALISATION, denormalise_images, normalise_images
 from edgekd.errors import RecipeError
 from edgekd.recipe import DataSpec
+from edgekd.tasks import DETECTION, task_of
 
 STREAMING_SOURCES = ("imagefolder",)  # registry names of the sources that can stream (data.stream)
 
@@ -52,7 +56,9 @@ __all__ = [
 ]
 
 
-def build_dataset(spec: DataSpec, seed: int) -> tuple[ArrayDataset, ArrayDataset, DatasetMeta]:
+def build_dataset(
+    spec: DataSpec, seed: int, data_dir: Path | None = None
+) -> tuple[ArrayDataset, ArrayDataset, DatasetMeta]:
     """(train, val, meta) for ``spec``: the source named ``spec.name``, split by (class, SNR).
 
     ``spec.val_fraction`` of the frames is held out, stratified and deterministic from ``seed``,
@@ -62,6 +68,11 @@ def build_dataset(spec: DataSpec, seed: int) -> tuple[ArrayDataset, ArrayDataset
     :class:`~edgekd.errors.DataError`. Unlabelled data (``meta.labelled`` False, labels -1) is built
     without the class check; callers that train call :func:`require_labels`. ``data.stream: true``
     on a source that cannot stream (all but ``imagefolder``) is a :class:`~edgekd.errors.RecipeError`.
+
+    A detection source (``scenes``, ``coco``, ``yolo``: :mod:`edgekd.data.detection_sources`) gives
+    its own split of :class:`~edgekd.detection.data.DetectionDataset` and ``meta.task ==
+    "detection"``; ``data_dir`` is where the built-in scenes are written (the run's
+    ``<runs_dir>/../data``; default ``$EDGEKD_DATA_DIR`` or ``models/data``).
     """
     builder = DATASETS.get(spec.name)
     if spec.stream is True and DATASETS.canonical(spec.name) not in STREAMING_SOURCES:
@@ -69,6 +80,9 @@ def build_dataset(spec: DataSpec, seed: int) -> tuple[ArrayDataset, ArrayDataset
             f"data.stream=true: dataset {spec.name!r} is held in memory and cannot stream (only "
             f"{', '.join(STREAMING_SOURCES)} can); set data.stream: auto or false"
         )
+    if task_of(spec.name) == DETECTION:  # DetectionDataset splits, checked by their loaders
+        (train, val), meta = builder(spec, seed, data_dir)
+        return train, val, meta
     data, meta = builder(spec, seed)
     hint = "use a dataset of several classes (check data.path, data.snr_min/snr_max and data.max_frames)"
     if isinstance(data, tuple):  # the source's own (train, val) split

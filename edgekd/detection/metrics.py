@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from edgekd.detection.data import DetectionDataset
+if TYPE_CHECKING:  # numpy only at run time: a device runner imports this module without torch
+    from edgekd.detection.data import DetectionDataset
 
 MAX_DETECTIONS = 100  # COCO's maxDets for the reported AP
 AGREEMENT_MIN_SCORE = 0.5  # a reference detection at or above this score counts as an object
@@ -67,15 +69,6 @@ class DetectionScores:
         return asdict(self)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    out = np.empty_like(x)
-    positive = x >= 0
-    out[positive] = 1.0 / (1.0 + np.exp(-x[positive]))
-    exp = np.exp(x[~positive])
-    out[~positive] = exp / (1.0 + exp)
-    return out
-
-
 def postprocess(
     logits: np.ndarray,
     boxes: np.ndarray,
@@ -91,35 +84,13 @@ def postprocess(
     classifiers of Deformable DETR (Zhu et al., ICLR 2021) and DAB-DETR (Liu et al., ICLR 2022).
     ``activation="softmax"``: the last of the C columns is DETR's "no object" class (Carion et al.,
     ECCV 2020); each query's best other class is its label and score, the top-k taken over queries.
-    Sorted by score, highest first (ties: lower query, then lower class first).
+    Sorted by score, highest first (ties: lower query, then lower class first). The arithmetic is
+    :func:`edgekd.profile.detection_post.postprocess_arrays` (numpy only), which a device runs too.
     """
-    scores_in = _numpy(logits).astype(np.float64)
-    box_in = _numpy(boxes).astype(np.float32)
-    if scores_in.ndim != 3 or box_in.shape != (*scores_in.shape[:2], 4):
-        raise ValueError(
-            f"expected logits (B, Q, C) and boxes (B, Q, 4), got {scores_in.shape}, {box_in.shape}"
-        )
-    batch, queries, width = scores_in.shape
-    results = []
-    for b in range(batch):
-        if activation == "sigmoid":
-            flat = _sigmoid(scores_in[b]).reshape(-1)
-            classes = width
-        elif activation == "softmax":
-            shifted = np.exp(scores_in[b] - scores_in[b].max(axis=1, keepdims=True))
-            probs = shifted / shifted.sum(axis=1, keepdims=True)
-            best = probs[:, :-1].argmax(axis=1)
-            flat = np.full((queries, width - 1), -np.inf)
-            flat[np.arange(queries), best] = probs[np.arange(queries), best]
-            flat = flat.reshape(-1)
-            classes = width - 1
-        else:
-            raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
-        flat = np.where(np.isnan(flat), -np.inf, flat)
-        order = np.argsort(-flat, kind="stable")[:top_k]
-        order = order[flat[order] >= score_threshold]
-        results.append(Detections(box_in[b, order // classes], flat[order], order % classes))
-    return results
+    from edgekd.profile.detection_post import postprocess_arrays
+
+    found = postprocess_arrays(_numpy(logits), _numpy(boxes), top_k, score_threshold, activation)
+    return [Detections(b, s, lab) for b, s, lab in found]
 
 
 def _numpy(value: object) -> np.ndarray:

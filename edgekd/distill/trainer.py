@@ -244,7 +244,8 @@ def train(
     total_steps = spec.epochs * steps_per_epoch
     scheduler = learning_rate_schedule(optimizer, spec.lr, total_steps)
     result = TrainResult()
-    first_epoch = _resume(stage_dir / LATEST, fingerprint, model, method, optimizer, scheduler, result, log)
+    parts = {"model": model, "method": method, "optimizer": optimizer, "scheduler": scheduler}
+    first_epoch = resume_latest(stage_dir / LATEST, fingerprint, parts, result, log)
     with progress() as bar:
         task = bar.add_task(label, total=spec.epochs, completed=first_epoch, status="")
         for epoch in range(first_epoch, spec.epochs):
@@ -313,8 +314,15 @@ def train(
             )
             distributed.barrier()
             if distributed.is_main():
-                _save_latest(
-                    stage_dir / LATEST, fingerprint, epoch, model, method, optimizer, scheduler, result
+                save_latest(
+                    stage_dir / LATEST,
+                    fingerprint,
+                    epoch,
+                    model,
+                    method,
+                    optimizer,
+                    result.history,
+                    scheduler,
                 )
             distributed.barrier()
             bar.update(task, advance=1, status=f"loss {total / batches:.3f}  val acc {accuracy:.3f}")
@@ -384,43 +392,44 @@ def _dataset_teacher_outputs(
     return ModelOutputs(torch.from_numpy(computed.logits[0]), torch.from_numpy(computed.features[0]))
 
 
-def _save_latest(
+def save_latest(
     path: Path,
     fingerprint: str,
     epoch: int,
     model: nn.Module,
-    method: DistillMethod,
+    method: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    result: TrainResult,
+    history: list[dict[str, Any]],
+    scheduler: Any = None,
 ) -> None:
+    """Write ``latest.pt`` atomically: the training state after ``epoch``, with a hash of its own content
+    (also the detection trainer's, which has no ``scheduler``)."""
     state = {
         "fingerprint": fingerprint,
         "epoch": epoch,
         "model": to_cpu(model.state_dict()),  # device-free: resumes on another machine
         "method": to_cpu(method.state_dict()),
         "optimizer": to_cpu(optimizer.state_dict()),
-        "scheduler": scheduler.state_dict(),
-        "history": result.history,
+        **({} if scheduler is None else {"scheduler": scheduler.state_dict()}),
+        "history": history,
     }
     write_torch(path, {**state, "sha256": sha256_state(state)})
 
 
-def _resume(
+def resume_latest(
     path: Path,
     fingerprint: str,
-    model: nn.Module,
-    method: DistillMethod,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    result: TrainResult,
+    parts: dict[str, Any],
+    result: Any,
     log: Callable[[str], None],
 ) -> int:
     """Load ``latest.pt`` if it belongs to this very configuration; return the first epoch to run.
 
-    A checkpoint that cannot be read (truncated), that changed since it was written (its content
-    hash differs) or that has the wrong shape is ignored with a one-line note: training starts
-    from epoch 1.
+    ``parts`` names what to restore (``model``, ``method``, ``optimizer`` and, where there is one,
+    ``scheduler``) by its key in the checkpoint; ``result`` (a train result with ``history`` and
+    ``resumed_from_epoch``) takes the recorded history. A checkpoint that cannot be read (truncated),
+    that changed since it was written (its content hash differs) or that has the wrong shape is ignored
+    with a one-line note: training starts from epoch 1.
     """
     if not path.is_file():
         return 0
@@ -444,10 +453,8 @@ def _resume(
         log(f"  ignoring {path}: no epoch or history in it; starting from epoch 1")
         return 0
     try:
-        model.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for key, part in parts.items():
+            part.load_state_dict(state[key])
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise ModelError(
             f"{path} does not fit this training ({first_line(exc)}); it is likely from an earlier edgekd "

@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,8 +263,12 @@ def export_onnx(
     path: str | os.PathLike[str],
     opset: int = 18,
     dynamo: bool = True,
+    output_names: Sequence[str] = (OUTPUT_NAME,),
 ) -> dict:
     """Export ``model`` (input ``(B, *input_shape)`` float32 → logits) to a single ONNX file at ``path``.
+
+    ``output_names`` names the model's outputs in order (a detector's ``logits`` and ``boxes``), each
+    with the dynamic batch axis.
 
     ``dynamo`` selects torch.export-based export (the default); ``dynamo=False`` the TorchScript
     tracer, which follows the branch the example input takes through data-dependent control flow.
@@ -290,14 +294,14 @@ def export_onnx(
                     (example,),
                     None,
                     input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
+                    output_names=list(output_names),
                     opset_version=opset,
                     dynamic_shapes=({0: torch.export.Dim("batch")},),
                     verbose=False,
                 )
                 program.save(tmp, external_data=False)
             else:
-                _export_torchscript(module, example, tmp, opset)
+                _export_torchscript(module, example, tmp, opset, tuple(output_names))
             onnx.checker.check_model(str(tmp))
         except Exception as exc:
             log = write_failure_log(target, "export", captured, exc)
@@ -329,7 +333,9 @@ def export_onnx(
     }
 
 
-def _export_torchscript(module: nn.Module, example: Any, tmp: Path, opset: int) -> None:
+def _export_torchscript(
+    module: nn.Module, example: Any, tmp: Path, opset: int, output_names: tuple[str, ...] = (OUTPUT_NAME,)
+) -> None:
     """The TorchScript tracer's export of ``module`` to ``tmp`` (batch axis dynamic, one file)."""
     import warnings
 
@@ -347,9 +353,9 @@ def _export_torchscript(module: nn.Module, example: Any, tmp: Path, opset: int) 
             str(tmp),
             dynamo=False,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=list(output_names),
             opset_version=opset,
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            dynamic_axes={INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in output_names}},
             verbose=False,
         )
 
@@ -361,6 +367,35 @@ def _abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _non_finite(array: np.ndarray) -> int:
     return int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+
+
+def _parity_session(path: Path, data: np.ndarray, tolerance: float, what: str) -> Any:
+    """The ONNX Runtime CPU session of a parity check, after refusing a negative ``tolerance`` and
+    non-finite inputs (``what``: the inputs' name in the message, e.g. ``samples``)."""
+    if tolerance < 0:
+        raise ExportError(f"parity check of {path}: export.tolerance must be >= 0, got {tolerance}")
+    if _non_finite(data):
+        raise ExportError(
+            f"parity check of {path}: the {what} hold {_non_finite(data)} NaN/inf values; "
+            f"fix the dataset's preprocessing"
+        )
+    try:
+        from edgekd.backends.onnxruntime import cpu_session
+
+        return cpu_session(path)  # intra-op threads sized as PyTorch's (edgekd.threads)
+    except Exception as exc:
+        raise ExportError(f"parity check: ONNX Runtime cannot load {path}: {_first_line(str(exc))}") from exc
+
+
+def _refuse_non_finite(model: nn.Module, path: Path, bad_torch: int, bad_ort: int, inputs: str) -> None:
+    """Raise ExportError when either runtime output NaN/inf (``inputs``: e.g. ``"8 samples"``)."""
+    if bad_torch or bad_ort:
+        weights, first = non_finite_weights(model)
+        in_weights = f"{weights} non-finite weights, first in {first}" if weights else "weights finite"
+        raise ExportError(
+            f"{path}: outputs are non-finite (NaN/inf in {bad_torch} PyTorch and {bad_ort} ONNX Runtime "
+            f"values on {inputs}; {in_weights}); {diverged_hint()}"
+        )
 
 
 def check_parity(
@@ -381,19 +416,7 @@ def check_parity(
         raise ExportError(
             f"parity check of {path}: need samples shaped (N, *input_shape) with N >= 1, got {data.shape}"
         )
-    if tolerance < 0:
-        raise ExportError(f"parity check of {path}: export.tolerance must be >= 0, got {tolerance}")
-    if _non_finite(data):
-        raise ExportError(
-            f"parity check of {path}: the samples hold {_non_finite(data)} NaN/inf values; "
-            f"fix the dataset's preprocessing"
-        )
-    try:
-        from edgekd.backends.onnxruntime import cpu_session
-
-        session = cpu_session(path)  # intra-op threads sized as PyTorch's (edgekd.threads)
-    except Exception as exc:
-        raise ExportError(f"parity check: ONNX Runtime cannot load {path}: {_first_line(str(exc))}") from exc
+    session = _parity_session(path, data, tolerance, "samples")
     input_name = session.get_inputs()[0].name
     small = data[:PARITY_SMALL_RUNS]
     with cpu_eval(model) as module, torch.inference_mode():
@@ -416,13 +439,7 @@ def check_parity(
     if full.shape != reference.shape:
         raise ExportError(f"parity check: {path} outputs shape {full.shape}, PyTorch {reference.shape}")
     bad_torch, bad_ort = _non_finite(reference), _non_finite(full) + _non_finite(singles)
-    if bad_torch or bad_ort:
-        weights, first = non_finite_weights(model)
-        in_weights = f"{weights} non-finite weights, first in {first}" if weights else "weights finite"
-        raise ExportError(
-            f"{path}: outputs are non-finite (NaN/inf in {bad_torch} PyTorch and {bad_ort} ONNX Runtime "
-            f"values on {len(data)} samples; {in_weights}); {diverged_hint()}"
-        )
+    _refuse_non_finite(model, path, bad_torch, bad_ort, f"{len(data)} samples")
     diff_full = _abs_diff(full, reference)
     diff_small = _abs_diff(singles, reference[: len(small)])
     max_abs = float(max(diff_full.max(), diff_small.max()))

@@ -294,6 +294,11 @@ class DETR(nn.Module):
             self.anchors[:, :2] = inverse_sigmoid(torch.rand(self.num_queries, 2))
             self.anchors[:, 2:].normal_()
 
+    @property
+    def head(self) -> nn.Linear:
+        """The class head: what :func:`edgekd.models.checkpoint.save_checkpoint` reads the classes from."""
+        return self.class_head
+
     # --------------------------------------------------------------------------------------- halves
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

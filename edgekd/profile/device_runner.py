@@ -122,8 +122,12 @@ def profile_bundle(
             sample = _model_input(record["inputs"], batch)
         latency = measure_latency(runner, sample, warmup, iterations)
         peak = memory.stop(runner)  # loading and the timed runs, before the larger accuracy batches
-        accuracy = None
-        if eval_arrays is not None:
+        accuracy, detections = None, None
+        if eval_arrays is not None and manifest.get("postprocessing") is not None:
+            accuracy, detections = _detection_accuracy(
+                bundle / record["file"], record, manifest, eval_arrays, count, runner
+            )
+        elif eval_arrays is not None:
             accuracy = evaluate_classifier(
                 runner, eval_arrays["x"], eval_arrays["y"], EVAL_BATCH, groups=eval_arrays.get("groups")
             )
@@ -138,18 +142,37 @@ def profile_bundle(
                 "latency": latency,
                 "memory": peak,
                 "runtime_info": info,
+                **({"detections": detections} if detections is not None else {}),
             }
         )
     return {
         "edgekd_device_profile": 1,
         "device": device_info(),
         "bundle": {"target": manifest["target"]["name"], "created": manifest["created"]},
-        "eval_frames": None if eval_arrays is None else len(eval_arrays["y"]),
+        "eval_frames": None if eval_arrays is None else len(eval_arrays["x"]),
         "rows": rows,
         "skipped": skipped,
         "engine_build": build,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _detection_accuracy(
+    path: Path,
+    record: dict[str, Any],
+    manifest: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    threads: int,
+    loaded: Any = None,
+) -> tuple[dict[str, Any] | None, dict[str, list]]:
+    """A detector (the manifest has ``postprocessing``): its outputs over ``eval.npz``, post-processed
+    as the manifest says; the mAP record when faster-coco-eval is installed here, and the packed
+    detections either way (the host can score them against the same ground truth)."""
+    from edgekd.profile import detection_post
+
+    runner = detection_post.OutputsRunner(str(path), record["backend"], threads, loaded)
+    found = detection_post.detect(runner, arrays["x"], manifest["postprocessing"], EVAL_BATCH)
+    return detection_post.score(arrays, found, list(manifest["labels"])), detection_post.pack(found)
 
 
 def main(argv: list[str] | None = None) -> int:

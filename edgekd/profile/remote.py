@@ -42,6 +42,9 @@ RUNNER_FILES = (
     "profile/latency.py",
     "profile/layers.py",
     "profile/device_runner.py",
+    "profile/detection_post.py",
+    "detection/__init__.py",
+    "detection/metrics.py",
     "profile/engine_build.py",
 )
 EXIT_SSH = 255  # ssh's own failures (connection, authentication, host key)

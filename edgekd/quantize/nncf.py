@@ -123,9 +123,16 @@ def check_finite(model: ov.Model, calib: CalibrationSet) -> None:
 
 
 def quantize_openvino(
-    model: ov.Model, calib: CalibrationSet, budget: AccuracyBudget | None = None
+    model: ov.Model,
+    calib: CalibrationSet,
+    budget: AccuracyBudget | None = None,
+    settings_extra: dict[str, Any] | None = None,
 ) -> tuple[ov.Model, dict[str, Any]]:
-    """INT8 ``model`` calibrated on ``calib`` (and within ``budget`` when given), and what was done."""
+    """INT8 ``model`` calibrated on ``calib`` (and within ``budget`` when given), and what was done.
+
+    ``settings_extra``: more ``nncf.quantize`` keywords (a model family's rules, e.g. the DETR
+    ``model_type`` and ``ignored_scope`` of :func:`edgekd.quantize.detr_rules.nncf_settings`).
+    """
     import nncf
 
     if model.input(0).get_partial_shape().rank.get_length() != len(calib.sample_shape) + 1:
@@ -151,6 +158,12 @@ def quantize_openvino(
         "ignored_scope": [],
         "calibration": {**calib.provenance(), "samples_used": len(calib), "batch_size": 1},
     }
+    if settings_extra:
+        settings.update(settings_extra)
+        if "model_type" in settings_extra:
+            record["model_type"] = str(settings_extra["model_type"].value)
+        if "ignored_scope" in settings_extra:
+            record["ignored_scope"] = list(settings_extra["ignored_scope"].names)
     try:
         with _nncf_log() as log:
             if budget is None:

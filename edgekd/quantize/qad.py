@@ -26,11 +26,34 @@ al., 2013); QAD replaces its label loss by distillation from the FP32 teacher (M
 - **Loss.** The loss of ``distill.method`` when it is a logit method (kd, dkd, skd, ... : teacher
   logits only, from the teacher cache when one exists), otherwise Hinton KD; plus CE on the labels
   (added once, on top of any label term the method has, to anchor the quantised argmax).
-- **Ranges: activation ranges frozen, weight ranges follow the weights.** Activation scales stay at
-  their calibrated values (QAD starts from the PTQ ranges, learning them (LSQ) needs a learnable
-  fake-quant op the ONNX exporter does not map to QuantizeLinear, and a few epochs at a small learning
-  rate barely move the activation statistics); weight scales are recomputed from each step's weights
-  (max |w| / 127 per channel) and frozen for export, so no weight is ever clipped.
+- **Ranges: activation ranges calibrated and frozen by default; learned (LSQ) on request; weight
+  ranges follow the weights.** With ``quantize.qad_learn_ranges: true`` each activation scale (and,
+  in ORT's layout, zero point) starts at its calibrated value and is trained with the weights (Esser
+  et al., "Learned Step Size Quantization", ICLR 2020; the learned offset of Bhalgat et al., "LSQ+",
+  CVPR-W 2020) through ``torch._fake_quantize_learnable_per_tensor_affine`` (STE for the input, LSQ's
+  gradient for the scale) at ``quantize.qad_range_lr`` (default 10x the QAD lr; 100x diverged).
+  :meth:`FakeQuantLayer.freeze` copies the learned values into the constant buffers the core op
+  reads, so the learnable op never reaches the exporter and the export and the parity gate are as
+  with frozen ranges (so "the exporter does not map a learnable op" is no reason to freeze them).
+  The runtime adds one constraint: where a conv feeds a conv directly, ORT's layout has Q -> DQ ->
+  Q -> DQ on one tensor and ONNX Runtime merges a DQ -> Q pair of unequal ranges into a third range,
+  so chained quantisers share one learned range (:func:`tie_learned_ranges`; untied, EfficientNet-B0
+  and MobileNetV3 fell to 96 % parity agreement and back to TensorRT's slow layout). Why not the
+  default: measured (ONNX artifact, held-out top-1 drop in points, seeds 0/1/2, 10 epochs each),
+  learned ranges lost to frozen ones on the case QAD was tuned for (EfficientNet-B0, digits, ORT:
+  1.34/1.11/0.67 vs 0.00/0.45/0.89) and won on MobileNetV3 per-tensor (-0.67/0.22/0.22 vs
+  1.11/0.22/-0.45): no rule that holds across students, so the simpler one stays. No single layer
+  dominates the error left after QAD (EfficientNet-B0: bypassing any one of the 81 quantised layers
+  cuts the logit MSE by <= 3 %), so keeping layers float is no lever either. Weight scales are
+  recomputed from each step's weights (max |w| / 127 per channel) and frozen for export, so no
+  weight is ever clipped.
+- **Length: 10 epochs** (``quantize.qad_epochs``; cosine decay from ``quantize.qad_lr``, default
+  distill lr / 30). On digits an epoch is 9 AdamW steps: 3 epochs barely moved the PTQ start
+  (EfficientNet-B0 drop 0.67/2.23/0.67 points), 10 epochs gave 0.00/0.45/0.89 (MobileNetV3
+  per-tensor 1.56/1.11/-0.67 -> 1.11/0.22/-0.45). Distilling from the FP32 student itself instead
+  of the teacher was worse (seed 1, fake-quant top-1: 0.935 vs 0.947). What is left is near the
+  runtime's own floor: ORT's fused QLinearConv kernels flip 0.2-0.9 % of the held-out predictions of
+  the fake-quant model (rounding ties propagating; the parity gate's 99 %), i.e. 1-4 of 449 images.
 - **Biases on the INT32 grid** (scale = input scale x weight scale, with STE), stored so at export:
   ONNX Runtime's WeightBiasQuantization rewrites a float bias behind DequantizeLinear inputs to INT32
   when it optimises the graph; with an off-grid bias that moved the logits of a MobileNetV3 by ~2
@@ -69,6 +92,7 @@ from edgekd.errors import QuantizeError, first_line
 
 QMIN, QMAX = -128, 127
 UQMAX = 255
+MIN_SCALE = 1e-8
 INT32_MIN, INT32_MAX = -(2**31) + 1, 2**31 - 1
 WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 MIN_AGREEMENT = 0.99
@@ -106,6 +130,7 @@ class FakeQuantLayer(nn.Module):
         channels = layer.weight.shape[0] if per_channel else 1
         self.register_buffer("weight_scale", torch.ones(channels))
         self.frozen = False
+        self.learned: nn.ParameterDict | None = None  # learned activation ranges (LSQ), until freeze()
 
     @property
     def act_range(self) -> tuple[int, int]:
@@ -134,9 +159,46 @@ class FakeQuantLayer(nn.Module):
         return (amax / QMAX).clamp_min(1e-12)
 
     @torch.no_grad()
+    def learn_ranges(self) -> None:
+        """Make the calibrated activation scales (and, asymmetric, zero points) trainable (LSQ / LSQ+).
+
+        The learned values live in ``learned`` (float parameters, named ``*_range``) and run through
+        ``torch._fake_quantize_learnable_per_tensor_affine`` (Esser et al., "Learned Step Size
+        Quantization", ICLR 2020: STE for the input, LSQ's gradient for the scale, scaled by
+        1 / sqrt(numel x qmax); Bhalgat et al., "LSQ+", CVPR-W 2020, for the learned offset). The op
+        rounds the zero point in its forward pass, so :meth:`freeze` copies the values into the
+        constant buffers and the export uses the core op unchanged.
+        """
+        params = {"act_scale_range": nn.Parameter(self.act_scale.reshape(1).clone())}
+        if self.asymmetric:
+            params["act_zero_range"] = nn.Parameter(self.act_zero.float().reshape(1))
+            params["out_scale_range"] = nn.Parameter(self.out_scale.reshape(1).clone())
+            params["out_zero_range"] = nn.Parameter(self.out_zero.float().reshape(1))
+        self.learned = nn.ParameterDict(params)
+
+    def _act_scale(self) -> torch.Tensor:
+        if self.learned is None:
+            return self.act_scale
+        return self.learned["act_scale_range"][0].clamp_min(MIN_SCALE)  # as the forward pass uses it
+
+    @torch.no_grad()
+    def _store_learned_ranges(self) -> None:
+        if self.learned is None:
+            return
+        low, high = self.act_range
+        for kind in ("act", "out") if self.asymmetric else ("act",):
+            getattr(self, f"{kind}_scale").copy_(self.learned[f"{kind}_scale_range"][0].clamp_min(MIN_SCALE))
+            if self.asymmetric:  # rounded and clamped exactly as the learnable op does in its forward
+                zero = torch.round(self.learned[f"{kind}_zero_range"][0].clamp(low, high))
+                getattr(self, f"{kind}_zero").copy_(zero.to(torch.int32))
+        self.learned = None
+
+    @torch.no_grad()
     def freeze(self) -> None:
-        """Fix the weight scales to the current weights' (what the exported Q/DQ nodes hold) and store
-        the bias on its INT32 grid (so the export holds it as one float constant)."""
+        """Fix the activation ranges (learned ones copied into constants) and the weight scales to the
+        current weights' (what the exported Q/DQ nodes hold), and store the bias on its INT32 grid (so
+        the export holds it as one float constant)."""
+        self._store_learned_ranges()
         self.weight_scale.copy_(self._current_weight_scale())
         bias = self.quantized_bias()
         if bias is not None:
@@ -157,7 +219,7 @@ class FakeQuantLayer(nn.Module):
         bias = self.layer.bias
         if bias is None or self.frozen:
             return bias
-        scale = (self.act_scale * self._current_weight_scale()).expand(bias.shape)
+        scale = (self._act_scale().detach() * self._current_weight_scale()).expand(bias.shape)
         steps = torch.clamp(torch.round(bias.detach() / scale), INT32_MIN, INT32_MAX)
         return bias + (steps * scale - bias).detach()
 
@@ -182,19 +244,25 @@ class FakeQuantLayer(nn.Module):
             out = self.layer(x)
             self._observe(out, self.out_min, self.out_max)
             return out
-        x = torch.fake_quantize_per_tensor_affine(
-            x, self.act_scale, _constant(self.act_zero), *self.act_range
-        )
+        x = self._fake_quant_activation(x, "act")
         weight, bias = self.quantized_weight(), self.quantized_bias()
         if isinstance(self.layer, nn.Linear):
             out = F.linear(x, weight, bias)
         else:
             out = self.layer._conv_forward(x, weight, bias)
         if self.asymmetric:  # ONNX Runtime's layout: a QuantizeLinear after the conv (QLinearConv fusion)
-            out = torch.fake_quantize_per_tensor_affine(
-                out, self.out_scale, _constant(self.out_zero), 0, UQMAX
-            )
+            out = self._fake_quant_activation(out, "out")
         return out
+
+    def _fake_quant_activation(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        low, high = self.act_range
+        if self.learned is None:
+            zero = _constant(getattr(self, f"{kind}_zero"))
+            return torch.fake_quantize_per_tensor_affine(x, getattr(self, f"{kind}_scale"), zero, low, high)
+        scale = self.learned[f"{kind}_scale_range"].clamp_min(MIN_SCALE)  # what freeze() stores
+        zero = self.learned[f"{kind}_zero_range"] if self.asymmetric else torch.zeros(1)
+        grad_factor = 1.0 / math.sqrt(max(1, x[0].numel()) * high)  # LSQ's step-size gradient scale
+        return torch._fake_quantize_learnable_per_tensor_affine(x, scale, zero, low, high, grad_factor)
 
 
 def _constant(zero: torch.Tensor) -> torch.Tensor:
@@ -289,6 +357,61 @@ def attach_fake_quant(model: nn.Module, per_channel: bool, layout: str = "tensor
 
 
 @torch.no_grad()
+def chained_pairs(
+    model: nn.Module, wrappers: list[FakeQuantLayer], example: torch.Tensor
+) -> list[tuple[FakeQuantLayer, FakeQuantLayer]]:
+    """``(a, b)`` pairs where ``b``'s input is ``a``'s output (the same storage and the same values,
+    perhaps reshaped: nothing computed between, in place or not), found by running ``example``
+    through the float layers."""
+    produced: dict[tuple[int, int], tuple[FakeQuantLayer, torch.Tensor, torch.Tensor]] = {}
+    pairs: list[tuple[FakeQuantLayer, FakeQuantLayer]] = []
+    handles = []
+    for wrapper in wrappers:
+
+        def before(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+            found = produced.get((inputs[0].data_ptr(), inputs[0].numel())) if inputs else None
+            if found is None or found[0] is module:
+                return
+            if torch.equal(inputs[0].reshape(-1), found[2]):  # an in-place activation changes the values
+                pairs.append((found[0], module))
+
+        def after(module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+            # the output is kept alive (its storage is not reused) and its values copied
+            produced[(out.data_ptr(), out.numel())] = (module, out, out.detach().clone().reshape(-1))
+
+        handles += [wrapper.register_forward_pre_hook(before), wrapper.register_forward_hook(after)]
+        wrapper.bypass = True
+    try:
+        model.eval()(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for wrapper in wrappers:
+            wrapper.bypass = False
+    return pairs
+
+
+def tie_learned_ranges(pairs: list[tuple[FakeQuantLayer, FakeQuantLayer]]) -> int:
+    """Make each chained input quantiser share its producer's learned output range (one Parameter).
+
+    In ONNX Runtime's layout a conv feeding a conv directly exports Q -> DQ -> Q -> DQ on one tensor.
+    Calibrated, both pairs hold the same scale and zero point (the same tensor's min/max) and ONNX
+    Runtime's DoubleQDQPairsRemover drops the middle DQ -> Q exactly; learned apart, it merges them
+    into one new range (their intersection), which is not what was trained: EfficientNet-B0 (7 such
+    pairs) and MobileNetV3 then failed the parity gate (96 % top-1 agreement). Tied, the second
+    quantiser is the identity on already quantised values, as ORT computes it. Returns the count.
+    """
+    tied = 0
+    for source, sink in pairs:
+        if source.learned is None or sink.learned is None or not source.asymmetric:
+            continue
+        sink.learned["act_scale_range"] = source.learned["out_scale_range"]
+        sink.learned["act_zero_range"] = source.learned["out_zero_range"]
+        tied += 1
+    return tied
+
+
+@torch.no_grad()
 def calibrate(model: nn.Module, wrappers: list[FakeQuantLayer], frames: np.ndarray, batch: int = 64) -> None:
     """Activation ranges of each wrapped layer over ``frames`` (min/max, the PTQ rung's rule): symmetric
     max |input| / 127, or ONNX Runtime's asymmetric UINT8 of the input and the output."""
@@ -357,17 +480,24 @@ def fine_tune(
     batch_size: int,
     seed: int,
     log: Callable[[str], None] = print,
+    range_lr: float | None = None,
 ) -> list[dict[str, float]]:
     """AdamW on the fake-quantised ``model`` (eval mode: BN statistics and dropout frozen), cosine LR.
 
-    Loss per batch: ``method.loss`` (student vs cached teacher logits) + CE on labelled rows.
-    Returns the mean loss per epoch.
+    Loss per batch: ``method.loss`` (student vs cached teacher logits) + CE on labelled rows. Learned
+    activation ranges (parameters named ``*_range``, :meth:`FakeQuantLayer.learn_ranges`) train at
+    ``range_lr`` (default ``lr``). Returns the mean loss per epoch.
     """
     from edgekd.distill.methods import ModelOutputs, label_ce
 
     generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad] + list(method.parameters())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ranges = [p for n, p in named if n.endswith("_range")]
+    weights = [p for n, p in named if not n.endswith("_range")] + list(method.parameters())
+    groups = [{"params": weights, "lr": lr}]
+    if ranges:
+        groups.append({"params": ranges, "lr": range_lr or lr})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     steps_per_epoch = max(1, math.ceil(len(data.x) / batch_size))
     steps = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -545,6 +675,12 @@ def float_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
             wrapper.bypass = False
 
 
+def range_change(calibrated: list[torch.Tensor], wrappers: list[FakeQuantLayer]) -> dict[str, float]:
+    """How far the (input) activation scales moved from calibration: median and max |relative change|."""
+    change = [abs(float(w.act_scale) / float(c) - 1) for c, w in zip(calibrated, wrappers, strict=True)]
+    return {"median": round(float(np.median(change)), 6), "max": round(float(np.max(change)), 6)}
+
+
 def quantisation_aware_distillation(
     student: nn.Module,
     input_shape: tuple[int, ...],
@@ -561,6 +697,8 @@ def quantisation_aware_distillation(
     seed: int,
     score: Callable[[nn.Module], float] | None = None,
     layout: str = "tensorrt",
+    learn_ranges: bool = False,
+    range_lr: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Fold BN, fake-quantise in ``layout``, calibrate on ``calibration``, fine-tune, export the QDQ
@@ -589,7 +727,13 @@ def quantisation_aware_distillation(
         )
     calibrate(model, wrappers, calibration)
     start_accuracy = score(model) if score is not None else None
-    history = fine_tune(model, method, data, epochs, lr, batch_size, seed, log) if epochs else []
+    calibrated = [wrapper.act_scale.clone() for wrapper in wrappers]
+    tied = 0
+    if learn_ranges and epochs:
+        for wrapper in wrappers:
+            wrapper.learn_ranges()
+        tied = tie_learned_ranges(chained_pairs(model, wrappers, example))
+    history = fine_tune(model, method, data, epochs, lr, batch_size, seed, log, range_lr) if epochs else []
     tuned_accuracy = score(model) if score is not None else None
     export = export_qdq(model, input_shape, out_path)
     try:
@@ -607,7 +751,7 @@ def quantisation_aware_distillation(
         record = quantisation_aware_distillation(
             student, input_shape, calibration, data, method, out_path, held_out,
             per_channel=per_channel, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-            score=score, layout="tensorrt", log=log,
+            score=score, layout="tensorrt", learn_ranges=learn_ranges, range_lr=range_lr, log=log,
         )  # fmt: skip
         return {**record, "layout_fallback": reason, "seconds": round(time.perf_counter() - started, 3)}
     violations = tensorrt_qdq_violations(out_path, per_channel=per_channel)
@@ -626,11 +770,19 @@ def quantisation_aware_distillation(
         "symmetric_activations": not asymmetric,
         "zero_point": "activations asymmetric, weights 0" if asymmetric else 0,
         "ranges": (
-            "activations: calibrated min/max (ONNX Runtime's asymmetric UINT8 rule on each Conv/Gemm "
-            "input and output), frozen; weights: max |w| per channel, follow them"
-            if asymmetric
-            else "activations: calibrated min/max, frozen; weights: max |w| per channel, follow them"
+            "activations: calibrated min/max"
+            + (
+                " (ONNX Runtime's asymmetric UINT8 rule on each Conv/Gemm input and output)"
+                if asymmetric
+                else ""
+            )
+            + (", then learned (LSQ), frozen for export" if learn_ranges and epochs else ", frozen")
+            + "; weights: max |w| per channel, follow them"
         ),
+        "learn_ranges": bool(learn_ranges and epochs),
+        "range_lr": (range_lr or lr) if learn_ranges and epochs else None,
+        "range_change": range_change(calibrated, wrappers),
+        "tied_ranges": tied,
         "batchnorm_folded": folded,
         "quantized_layers": len(wrappers),
         "epochs": epochs,

@@ -146,7 +146,7 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
     stage_times = {
         name: {"wall_s": round(r.wall_s, 2), "cached": r.cached} for name, r in ctx.results.items()
     }
-    return {
+    report = {
         "edgekd_report": 1,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "run": ctx.recipe.name,
@@ -190,6 +190,54 @@ def build_report(ctx: RunContext) -> dict[str, Any]:
         ),
         "stages": stage_times,
     }
+    if ctx.task == "detection":  # classification reports keep exactly their keys
+        report["task"] = "detection"
+        report["detection"] = detection_summary(rows)
+        report["headline"] = detection_headline(report["headline"], rows)
+    return report
+
+
+def detection_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A detection run's INT8 comparison: per INT8 artifact, mAP and agreement with the DETR rules and
+    with naive full INT8, beside the FP32 student's mAP, so a reader sees what the rules buy."""
+    student = next((r for r in rows if r["role"] == "student" and r["runtime"] == "torch"), None)
+    fp32 = None if student is None else student["accuracy"]["map"]
+
+    def drop(value: float | None) -> float | None:
+        return None if value is None or fp32 is None else round(fp32 - value, 5)
+
+    int8 = []
+    for row in rows:
+        if row.get("precision") != "int8" or "artifact" not in row or "measured_on" in row:
+            continue  # the device's rows: its naive model is not in the bundle
+        naive = row.get("naive_int8") or {}
+        int8.append(
+            {
+                "row": row["name"],
+                "rules_map": row["accuracy"]["map"],
+                "rules_map_drop": drop(row["accuracy"]["map"]),
+                "rules_agreement": row["accuracy"]["agreement"],
+                "naive_map": naive.get("map"),
+                "naive_map_drop": drop(naive.get("map")),
+                "naive_agreement": naive.get("agreement"),
+                "naive_p50_ms": naive.get("p50_ms"),
+            }
+        )
+    return {
+        "metric": "COCO mAP@[.5:.95] (faster-coco-eval), mAP@.5, agreement mAP vs the PyTorch student",
+        "student_fp32_map": fp32,
+        "int8": int8,
+    }
+
+
+def detection_headline(head: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The headline with the detection words: mAP gap and INT8 mAP drop instead of accuracy."""
+    renamed = {
+        "accuracy_gap_vs_teacher": "map_gap_vs_teacher",
+        "int8_accuracy_drop": "int8_map_drop",
+        "int8_agreement_with_pytorch": "int8_agreement_map_with_pytorch",
+    }
+    return {renamed.get(key, key): value for key, value in head.items()}
 
 
 def budget_ladder(ctx: Any) -> list[dict[str, Any]] | None:

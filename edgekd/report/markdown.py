@@ -40,7 +40,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[Any]]:
                 human_count(row.get("params")),
                 human_count(row.get("flops")),
                 human_bytes(row["size_bytes"]),
-                "–" if row["accuracy"] is None else f"{row['accuracy']['accuracy']:.4f}",
+                _cell((row["accuracy"] or {}).get("accuracy"), ".4f"),
                 _agreement(row["accuracy"]),
                 f"{lat['p50_ms']:.3f}",
                 f"{lat['p90_ms']:.3f}",
@@ -75,6 +75,90 @@ SUMMARY_HEADER = [
     "samples/s",
     "peak MB",
 ]
+
+
+# A detection run's columns (the same count, so a terminal table of summary_rows lines up): the
+# "accuracy" is COCO mAP@[.5:.95], the agreement the mAP against the PyTorch student's detections.
+DETECTION_SUMMARY_HEADER = [
+    "model",
+    "params",
+    "FLOPs",
+    "size",
+    "mAP",
+    "agreement mAP",
+    "p50 ms",
+    "p90 ms",
+    "p99 ms",
+    "images/s",
+    "peak MB",
+]
+
+
+def summary_header(report: dict[str, Any]) -> list[str]:
+    """The summary table's header for ``report``'s task."""
+    return DETECTION_SUMMARY_HEADER if report.get("task") == "detection" else SUMMARY_HEADER
+
+
+def _detection(report: dict[str, Any]) -> list[str]:
+    """A detection run: mAP@.5 per row, and the INT8 rule set against naive full INT8."""
+    if report.get("task") != "detection":
+        return []
+    lines = [
+        "",
+        "## Detection",
+        "",
+        *_table(
+            ["model", "mAP@[.5:.95]", "mAP@.5", "agreement mAP", "agreement mAP@.5"],
+            [
+                [
+                    row["name"],
+                    _cell(row["accuracy"].get("map"), ".4f"),
+                    _cell(row["accuracy"].get("map50"), ".4f"),
+                    _cell(row["accuracy"].get("agreement"), ".4f"),
+                    _cell(row["accuracy"].get("agreement_map50"), ".4f"),
+                ]
+                for row in report["rows"]
+                if row.get("accuracy")
+            ],
+        ),
+    ]
+    if any(
+        row["accuracy"].get("agreement") is None and row.get("runtime") != "torch"
+        for row in report["rows"]
+        if row.get("accuracy") and row.get("role") == "student"
+    ):
+        lines += [
+            "",
+            "Agreement mAP –: the PyTorch student has no detection scoring >= 0.5 on these images (an "
+            "untrained or weak detector), so there is nothing to agree with; see mAP instead.",
+        ]
+    summary = report.get("detection") or {}
+    if summary.get("int8"):
+        lines += [
+            "",
+            "INT8 with the DETR rule set (attention Softmax, LayerNorm and the class/box heads in float) "
+            "and naive full INT8 (every op the quantiser can take), same calibration images; mAP drop vs "
+            f"the FP32 PyTorch student ({_cell(summary.get('student_fp32_map'), '.4f')}):",
+            "",
+            *_table(
+                ["artifact", "rules mAP", "rules drop", "rules agreement", "naive mAP", "naive drop",
+                 "naive agreement", "naive p50 ms"],
+                [
+                    [
+                        item["row"],
+                        _cell(item["rules_map"], ".4f"),
+                        _cell(item["rules_map_drop"], ".4f"),
+                        _cell(item["rules_agreement"], ".4f"),
+                        _cell(item["naive_map"], ".4f"),
+                        _cell(item["naive_map_drop"], ".4f"),
+                        _cell(item["naive_agreement"], ".4f"),
+                        _cell(item["naive_p50_ms"], ".3f"),
+                    ]
+                    for item in summary["int8"]
+                ],
+            ),
+        ]  # fmt: skip
+    return lines
 
 
 def _per_snr(report: dict[str, Any]) -> list[str]:
@@ -154,7 +238,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Summary",
         "",
-        *_table(SUMMARY_HEADER, summary_rows(report)),
+        *_table(summary_header(report), summary_rows(report)),
         "",
         f"Deployed: **{head['deployed']}**. "
         + ", ".join(f"{key.replace('_', ' ')}: {value}" for key, value in head.items() if key != "deployed")
@@ -165,11 +249,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         *_load_warning(report),
         *_mcu(report),
         *_per_snr(report),
+        *_detection(report),
         *slowest_layers(report["rows"]),
         "",
         "## Model" if teacher is None else "## Training",
         "",
-        f"- Data: {data['source']} — {data['train_frames']} train / {data['eval_frames']} held-out frames, "
+        f"- Data: {data['source']} — {data['train_frames']} train / {data['eval_frames']} held-out "
+        f"{'images' if report.get('task') == 'detection' else 'frames'}, "
         f"{len(data['classes'])} classes, input {tuple(data['input_shape'])}, "
         f"normalisation: {data['normalisation'].get('description', data['normalisation'].get('type'))}; "
         f"fingerprint `{data['fingerprint'][:16]}`.",
@@ -189,10 +275,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         *_runtime_settings(report["rows"]),
         *_machine_load(report),
         *_device(report),
-        "- Agreement: share of held-out frames where an artifact predicts the same class as "
-        f"{report.get('agreement_reference', 'the FP32 PyTorch model')} it was compiled from (an INT8 "
-        "collapse shows here before it shows in accuracy).",
-        f"- Accuracy: the held-out split ({_frames(report)} frames), same for every row.",
+        *_agreement_lines(report),
         "",
         "## Stage times",
         "",
@@ -248,10 +331,11 @@ def _deployment(decision: dict[str, Any] | None, rows: list[dict[str, Any]]) -> 
     if not decision or not decision.get("candidates"):
         return []
     budget = decision["budget"]
+    metric = decision.get("metric", "accuracy")  # a detection run's is mAP
     reference = (
         ""
         if budget["reference_accuracy"] is None
-        else f" (accuracy >= {budget['min_accuracy']:.4f}: {budget['reference']} "
+        else f" ({metric} >= {budget['min_accuracy']:.4f}: {budget['reference']} "
         f"{budget['reference_accuracy']:.4f} minus {budget['max_drop']:g}, {budget['source']})"
     )
     return [
@@ -262,7 +346,7 @@ def _deployment(decision: dict[str, Any] | None, rows: list[dict[str, Any]]) -> 
         f"**{decision['reason']}.** The bundle's `model_data.c` and `manifest.json` embed and name "
         "this artifact.",
         "",
-        *_table(DEPLOYMENT_HEADER, deployment_rows(decision)),
+        *_table([metric if c == "accuracy" else c for c in DEPLOYMENT_HEADER], deployment_rows(decision)),
         "",
         "Peak MB: resident memory that loading the artifact and its timed runs added at their peak "
         "(VmHWM, reset before loading, minus VmRSS before; this process, this host; GPU memory not "
@@ -430,8 +514,27 @@ def _mcu_cycles(mcu: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _agreement_lines(report: dict[str, Any]) -> list[str]:
+    if report.get("task") == "detection":
+        return [
+            "- Agreement mAP: an artifact's COCO mAP against "
+            f"{report.get('agreement_reference', 'the FP32 PyTorch model')} taken as ground truth "
+            "(1.0: it reproduces the model it was compiled from, whatever the model's own mAP).",
+            f"- mAP: COCO mAP@[.5:.95] and mAP@.5 (faster-coco-eval, top 100 detections per image, no "
+            f"score threshold) on the held-out split ({_frames(report)} images), same for every row.",
+        ]
+    return [
+        "- Agreement: share of held-out frames where an artifact predicts the same class as "
+        f"{report.get('agreement_reference', 'the FP32 PyTorch model')} it was compiled from (an INT8 "
+        "collapse shows here before it shows in accuracy).",
+        f"- Accuracy: the held-out split ({_frames(report)} frames), same for every row.",
+    ]
+
+
 def _training(report: dict[str, Any]) -> list[str]:
     """The teacher and the distilled student (edgekd compress)."""
+    if report.get("task") == "detection":
+        return _training_detection(report)
     teacher, student = report["teacher"], report["student"]
     accuracy = teacher.get("val_accuracy")
     return [
@@ -442,6 +545,18 @@ def _training(report: dict[str, Any]) -> list[str]:
         f"{student['val_accuracy_best']:.4f} (the last epoch's weights are deployed); "
         f"seed {report['recipe']['seed']}.",
         _augmentation(student.get("augment")),
+    ]
+
+
+def _training_detection(report: dict[str, Any]) -> list[str]:
+    """The detection teacher and student: held-out COCO mAP as their stages recorded it."""
+    teacher, student = report["teacher"], report["student"]
+    return [
+        f"- Teacher {teacher['model']} ({teacher.get('origin', 'trained here')}): held-out mAP "
+        f"{_cell(teacher.get('val_map'), '.4f')}, mAP@.5 {_cell(teacher.get('val_map50'), '.4f')}.",
+        f"- Student {student['model']} distilled with `{student.get('method')}`: held-out mAP "
+        f"{_cell(student.get('val_map'), '.4f')}, mAP@.5 {_cell(student.get('val_map50'), '.4f')}; "
+        f"seed {report['recipe']['seed']}.",
     ]
 
 
@@ -464,6 +579,15 @@ def _deployed_model(report: dict[str, Any]) -> list[str]:
 def _export(export: dict[str, Any]) -> str:
     """The ONNX the artifacts were built from, and its parity with PyTorch when edgekd exported it."""
     info, parity = export["export"], export["parity"]
+    if parity is not None and "class_agreement" in parity:  # a detector: both outputs compared
+        outputs = parity["outputs"]
+        return (
+            f"- ONNX opset {info['opset']}, outputs logits and boxes; ONNX Runtime vs PyTorch on "
+            f"{parity['samples']} held-out images: max |diff| logits {outputs['logits']['max_abs_diff']:.2e},"
+            " "
+            f"boxes {outputs['boxes']['max_abs_diff']:.2e} (tolerance {parity['tolerance']:.0e}), "
+            f"per-query class agreement {parity['class_agreement']:.4f}."
+        )
     if parity is None:
         fixed = "; its fixed batch axis was made dynamic" if info.get("dynamic_batch_added") else ""
         return f"- ONNX: the user's file ({info['exporter']}), opset {info['opset']}, not re-exported{fixed}."
@@ -532,7 +656,8 @@ def _not_measured(report: dict[str, Any]) -> list[str]:
         "",
         "## Not measured",
         "",
-        "These artifacts were **not** built or measured, so no latency or accuracy is reported for them "
+        "These artifacts were **not** built or measured, so no latency or "
+        f"{'mAP' if report.get('task') == 'detection' else 'accuracy'} is reported for them "
         "(each line says where and why):",
         "",
         *(f"- {item['name']}: {item['why']}." for item in missing),
@@ -676,12 +801,18 @@ def _device(report: dict[str, Any]) -> list[str]:
             f"nothing could be measured there (see Not measured).",
         ]
     measured = [row["accuracy"]["n"] for row in rows if row["accuracy"]]
-    frames = measured[0] if measured else None
+    frames = measured[0] if measured else "no"
     return [
         *lines,
         f"- Rows 'on {device['hostname']}': measured on that device over SSH from the bundle "
         f"`{report['bundle']}` {where}, same latency protocol, model-only; "
-        f"accuracy on the bundle's eval.npz ({frames if frames is not None else 'no'} held-out frames).",
+        + (
+            f"mAP on the bundle's eval.npz ({frames} held-out images; "
+            "scored from the device's detections, on the host when the device lacks faster-coco-eval), "
+            "agreement mAP against the PyTorch student's detections on the same images."
+            if report.get("task") == "detection"
+            else f"accuracy on the bundle's eval.npz ({frames} held-out frames)."
+        ),
     ]
 
 

@@ -91,7 +91,7 @@ def provenance_lines(data: dict[str, Any]) -> list[str]:
     names = {
         "calibration": "INT8 calibration set",
         "accuracy_aware": "accuracy-aware INT8 set",
-        "evaluation": "evaluation set (accuracy in this report)",
+        "evaluation": "evaluation set (accuracy, or mAP for detection, in this report)",
         "eval_npz": "bundle eval.npz",
     }
     parts = [

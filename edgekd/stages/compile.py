@@ -126,6 +126,7 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     backend = get_backend(target.backend)
     artifacts = []
     files = []
+    naive_files: list[str] = []  # detection on OpenVINO: the naive full-INT8 IR, measured, never bundled
     for precision in target.precisions:
         onnx_path = _onnx_for(ctx, precision)
         if onnx_path is None:
@@ -133,6 +134,10 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         if precision == "int8" and backend.quantizes_itself and onnx_path == _qad_onnx(ctx):
             quantization = ctx.results["quantize"].outputs["quantization"]
             artifact = _openvino_from_qdq(ctx, onnx_path, stage_dir, quantization)
+        elif precision == "int8" and backend.quantizes_itself and ctx.task == "detection":
+            artifact = _openvino_detr_int8(ctx, onnx_path, stage_dir)
+            naive = artifact.metadata["quantization"]["naive"]
+            naive_files += [naive["file"], naive["file"].removesuffix(".xml") + ".bin"]
         elif precision == "int8" and backend.quantizes_itself:
             extra = _torch_source(ctx) if getattr(backend, "converts_from_torch", False) else {}
             calib, budget = calibration_set(ctx), accuracy_budget(ctx)
@@ -157,7 +162,41 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         record, names = _record(ctx, artifact)
         artifacts.append(record)
         files += names
-    return {"target": target.to_dict(), "artifacts": artifacts, "artifact_files": files}
+    out = {"target": target.to_dict(), "artifacts": artifacts, "artifact_files": files}
+    if naive_files:
+        out["naive_int8_files"] = naive_files
+    return out
+
+
+def _openvino_detr_int8(ctx: RunContext, onnx_path: Path, stage_dir: Path) -> Artifact:
+    """A detector's OpenVINO INT8 IR: NNCF with the transformer model type and the DETR heads ignored
+    (:func:`edgekd.quantize.detr_rules.nncf_settings`); the naive full-INT8 IR beside it (recorded
+    under ``quantization.naive``) so the report shows what the rules buy."""
+    import openvino as ov
+
+    from edgekd.backends.openvino import _save_ir
+    from edgekd.errors import ModelError
+    from edgekd.quantize.detr_rules import nncf_settings
+    from edgekd.quantize.nncf import quantize_openvino
+
+    calib = calibration_set(ctx)
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as exc:
+        raise ModelError(f"OpenVINO cannot convert {onnx_path}: {first_line(exc)}") from exc
+    quantized, record = quantize_openvino(model, calib, None, nncf_settings(onnx_path, model))
+    record["rules"] = "detr"
+    naive_model, naive_record = quantize_openvino(ov.convert_model(str(onnx_path)), calib, None, {})
+    naive_target = stage_dir / "student.int8-naive.xml"
+    _save_ir(naive_model, naive_target, compress_to_fp16=False)
+    record["naive"] = {
+        "file": str(naive_target.relative_to(ctx.run_dir)),
+        "rules": "naive",
+        "fake_quantize_nodes": naive_record["fake_quantize_nodes"],
+        "kept_in_float": naive_record["kept_in_float"],
+    }
+    log_kept_in_float(ctx, record.get("kept_in_float"))
+    return _int8_ir_artifact(ctx, quantized, stage_dir / "student.int8.xml", onnx_path, record)
 
 
 def _torch_source(ctx: RunContext) -> dict[str, Any]:
@@ -178,13 +217,23 @@ def _openvino_from_qdq(
     """OpenVINO IR of a QDQ ONNX model (Q/DQ pairs become FakeQuantize; OpenVINO runs them in INT8)."""
     import openvino as ov
 
-    from edgekd.backends.openvino import _save_ir
-    from edgekd.hashing import sha256_file
     from edgekd.quantize.nncf import kept_in_float
 
     target = stage_dir / "student.int8.xml"
     model = ov.convert_model(str(onnx_path))
     quantization = {**quantization, "kept_in_float": kept_in_float(model)}
+    return _int8_ir_artifact(ctx, model, target, onnx_path, quantization)
+
+
+def _int8_ir_artifact(
+    ctx: RunContext, model: Any, target: Path, onnx_path: Path, quantization: dict[str, Any]
+) -> Artifact:
+    """Save ``model`` (INT8 OpenVINO, not compressed to FP16) as ``target`` (.xml + .bin): its artifact."""
+    import openvino as ov
+
+    from edgekd.backends.openvino import _save_ir
+    from edgekd.hashing import sha256_file
+
     _save_ir(model, target, compress_to_fp16=False)
     weights = target.with_suffix(".bin")
     return Artifact(

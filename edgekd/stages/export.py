@@ -48,6 +48,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     spec = ctx.recipe.export
     student = load_student(ctx)
     check_finite_weights(student, ctx.path(stage, "model_file"))  # a diverged training: say so here
+    if ctx.task == "detection":
+        return _run_detection(ctx, stage_dir, student, val_set, meta)
     info = export_onnx(student, meta.input_shape, stage_dir / ONNX_FILE, opset=spec.opset, dynamo=spec.dynamo)
     parity = check_parity(student, stage_dir / ONNX_FILE, val_set.x[: spec.parity_samples], spec.tolerance)
     return {
@@ -55,6 +57,21 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "export": info,
         "parity": parity,
     }
+
+
+def _run_detection(ctx: RunContext, stage_dir: Path, student: Any, val_set: Any, meta: Any) -> dict[str, Any]:
+    """A detector: ONNX with ``logits`` and ``boxes`` outputs, parity on both (held-out images)."""
+    from edgekd.export.detection import check_detection_parity, export_detector
+
+    spec = ctx.recipe.export
+    target = stage_dir / ONNX_FILE
+    info = export_detector(student, tuple(meta.input_shape), target, opset=spec.opset, dynamo=spec.dynamo)
+    parity = check_detection_parity(student, target, val_set.images[: spec.parity_samples], spec.tolerance)
+    ctx.log(
+        f"  parity: max |diff| logits {parity['outputs']['logits']['max_abs_diff']:.2g}, boxes "
+        f"{parity['outputs']['boxes']['max_abs_diff']:.2g} on {parity['samples']} held-out images"
+    )
+    return {"onnx_file": str(target.relative_to(ctx.run_dir)), "export": info, "parity": parity}
 
 
 STAGE = Stage("export", _run, recipe_fields("export"), _inputs)

@@ -227,7 +227,12 @@ def load_student(ctx: RunContext) -> Any:
 
     stage = student_stage(ctx)
     _, _, meta = ctx.dataset
-    model = build_student(ctx.recipe, meta)  # the stage's "model" is the recipe's student.model
+    if ctx.task == "detection":  # a DETR: built for the data's classes with task="detection"
+        from edgekd.detection.train import build_detector
+
+        model = build_detector(ctx.recipe.student.model, meta, "student", ctx.recipe.student.kwargs)
+    else:
+        model = build_student(ctx.recipe, meta)  # the stage's "model" is the recipe's student.model
     load_weights(model, ctx.path(stage, "model_file"), ctx.recipe.student.model)
     return model.eval()
 

@@ -46,7 +46,18 @@ from edgekd.threads import CpuSample, LoadWindow, load_summary, wait_policy
 def _inputs(ctx: RunContext) -> list[Path]:
     artifacts = [ctx.run_dir / name for name in ctx.output("compile", "artifact_files")]  # with IR .bin files
     teacher = [ctx.path("teacher", "model_file")] if "teacher" in ctx.results else []
-    return [*teacher, ctx.path(student_stage(ctx), "model_file"), *artifacts]
+    naive = [  # detection: the naive full-INT8 models measured beside the INT8 artifact
+        ctx.run_dir / name
+        for name in (
+            *ctx.results["compile"].outputs.get("naive_int8_files", []),
+            *([ctx.results["quantize"].outputs["naive_int8_onnx_file"]] if _has_naive_onnx(ctx) else []),
+        )
+    ]
+    return [*teacher, ctx.path(student_stage(ctx), "model_file"), *artifacts, *naive]
+
+
+def _has_naive_onnx(ctx: RunContext) -> bool:
+    return "quantize" in ctx.results and "naive_int8_onnx_file" in ctx.results["quantize"].outputs
 
 
 EVAL_BATCH = 256
@@ -177,7 +188,48 @@ def _with_load(row: dict[str, Any], window: LoadWindow, samples: dict[str, CpuSa
     row["machine_load"] = sample.to_dict()
 
 
+def _artifact_row(
+    ctx: RunContext, record: dict[str, Any], stage: str
+) -> tuple[Any, Artifact, dict[str, Any], dict[str, Any]]:
+    """A compiled artifact's backend, :class:`Artifact`, load options and row (before measuring)."""
+    backend = get_backend(record["backend"])
+    artifact = Artifact(
+        ctx.run_dir / record["path"], record["backend"], record["precision"], record["metadata"]
+    )
+    options = {"hint": ctx.recipe.profile.openvino_hint} if backend.hints else {}
+    row = {
+        "name": f"student ({backend.name} {artifact.precision.upper()})",
+        "role": "student",
+        "model": ctx.output(stage, "model"),
+        "runtime": backend.name,
+        "precision": artifact.precision,
+        "size_bytes": artifact.metadata.get("size_bytes", artifact.path.stat().st_size),
+        "params": ctx.output(stage, "params"),
+        "flops": ctx.output(stage, "flops"),
+        "artifact": record["path"],
+    }
+    return backend, artifact, options, row
+
+
+def _stage_summary(
+    ctx: RunContext, stage_window: LoadWindow, samples: dict[str, CpuSample | None], threads: int
+) -> dict[str, Any]:
+    """The stage's ``not_measured``, ``threads``, ``omp_wait_policy`` and ``load`` (warnings logged)."""
+    load = load_summary(stage_window.stop(), samples, threads)
+    if load["warning"]:
+        ctx.log(f"  warning: {load['warning']}")
+    not_measured = [
+        {key: item[key] for key in ("name", "backend", "precision", "engine", "profiled", "why")}
+        for item in ctx.results["compile"].outputs.get("unbuilt_artifacts", [])
+    ]
+    for item in not_measured:
+        ctx.log(f"  {item['name']}: not measured ({item['why']})")
+    return {"not_measured": not_measured, "threads": threads, "omp_wait_policy": wait_policy(), "load": load}
+
+
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    if ctx.task == "detection":
+        return _run_detection(ctx)
     threads = resolve_threads(ctx.recipe.profile.threads)
     stage_window, samples = LoadWindow().start(), {}
     rows: list[dict[str, Any]] = []
@@ -200,46 +252,167 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         rows.append(student_row)
         reference_name = "the FP32 PyTorch model"
     for record in ctx.output("compile", "artifacts"):
-        backend = get_backend(record["backend"])
-        artifact = Artifact(
-            ctx.run_dir / record["path"], record["backend"], record["precision"], record["metadata"]
-        )
-        options = {"hint": ctx.recipe.profile.openvino_hint} if backend.hints else {}
-        row = {
-            "name": f"student ({backend.name} {artifact.precision.upper()})",
-            "role": "student",
-            "model": ctx.output(stage, "model"),
-            "runtime": backend.name,
-            "precision": artifact.precision,
-            "size_bytes": artifact.metadata.get("size_bytes", artifact.path.stat().st_size),
-            "params": ctx.output(stage, "params"),
-            "flops": ctx.output(stage, "flops"),
-            "artifact": record["path"],
-        }
+        backend, artifact, options, row = _artifact_row(ctx, record, stage)
         window, memory = LoadWindow().start(), MemoryWindow().start()
         runner = backend.load(artifact, threads=threads, **options)
         measured, _ = _measure(ctx, runner, {**row, "runtime_info": runner.info}, reference, memory)
         measured["layer_times"] = _layer_times(ctx, backend, artifact, threads, options)
         _with_load(measured, window, samples)
         rows.append(measured)
-    load = load_summary(stage_window.stop(), samples, threads)
-    if load["warning"]:
-        ctx.log(f"  warning: {load['warning']}")
-    not_measured = [
-        {key: item[key] for key in ("name", "backend", "precision", "engine", "profiled", "why")}
-        for item in ctx.results["compile"].outputs.get("unbuilt_artifacts", [])
-    ]
-    for item in not_measured:
-        ctx.log(f"  {item['name']}: not measured ({item['why']})")
+    summary = _stage_summary(ctx, stage_window, samples, threads)
     return {
         "rows": rows,
-        "not_measured": not_measured,
-        "threads": threads,
-        "omp_wait_policy": wait_policy(),
-        "load": load,
+        **summary,
         "eval_frames": len(reference),
         "agreement_reference": reference_name,
     }
+
+
+def _detection_set(ctx: RunContext) -> Any:
+    """The held-out detection images, capped at ``profile.eval_samples``: the same for every row."""
+    _, val_set, _ = ctx.dataset
+    limit = min(ctx.recipe.profile.eval_samples or len(val_set), len(val_set))
+    return val_set if limit == len(val_set) else val_set.subset(np.arange(limit))
+
+
+def _detection_measure(
+    ctx: RunContext,
+    runner: Any,
+    detector: Any,
+    row: dict[str, Any],
+    reference: list[Any] | None,
+    memory: MemoryWindow | None = None,
+) -> tuple[dict[str, Any], list[Any]]:
+    """``row`` with latency (``runner.run``, the model only) and the mAP record of ``detector``."""
+    from edgekd.detection.evaluate import evaluate_detector
+
+    spec = ctx.recipe.profile
+    data = _detection_set(ctx)
+    batch = np.ascontiguousarray(data.images[: spec.batch_size])
+    latency = measure_latency(runner, batch, spec.warmup, spec.iterations)
+    measured = {**row}
+    if memory is not None:
+        measured["memory"] = memory.stop(runner)
+    evaluation, detections = evaluate_detector(detector, data, reference)
+    agreement = evaluation["agreement"]
+    ctx.log(
+        f"  {row['name']}: mAP {_fmt(evaluation['map'])}, mAP50 {_fmt(evaluation['map50'])}"
+        + ("" if agreement is None else f", agreement mAP {agreement:.3f}")
+        + f", p50 {latency['p50_ms']:.3f} ms"
+    )
+    return {**measured, "accuracy": evaluation, "latency": latency}, detections
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _naive_int8(
+    ctx: RunContext, record: dict[str, Any], threads: int, reference: list[Any]
+) -> dict[str, Any] | None:
+    """The naive full-INT8 model beside a detection INT8 artifact: its mAP, agreement and latency."""
+    from edgekd.detection.evaluate import artifact_detector, evaluate_detector
+
+    if record["precision"] != "int8":
+        return None
+    if record["backend"] == "onnxruntime":
+        name = ctx.results["quantize"].outputs.get("naive_int8_onnx_file")
+    else:
+        name = ((record.get("metadata") or {}).get("quantization") or {}).get("naive", {}).get("file")
+    if name is None:
+        return None
+    path = ctx.run_dir / name
+    detector = artifact_detector(path, record["backend"], threads)
+    evaluation, _ = evaluate_detector(detector, _detection_set(ctx), reference)
+    spec = ctx.recipe.profile
+    batch = np.ascontiguousarray(_detection_set(ctx).images[: spec.batch_size])
+    runner = get_backend(record["backend"]).load(
+        Artifact(path, record["backend"], "int8", {}), threads=threads
+    )
+    latency = measure_latency(runner, batch, spec.warmup, spec.iterations)
+    ctx.log(
+        f"    naive full INT8 (no DETR rules): mAP {_fmt(evaluation['map'])}, agreement mAP "
+        f"{_fmt(evaluation['agreement'])}, p50 {latency['p50_ms']:.3f} ms"
+    )
+    return {
+        "file": name,
+        "rules": "naive",
+        "map": evaluation["map"],
+        "map50": evaluation["map50"],
+        "agreement": evaluation["agreement"],
+        "p50_ms": latency["p50_ms"],
+    }
+
+
+def _run_detection(ctx: RunContext) -> dict[str, Any]:
+    """A detection run: the same rows as for classifiers, with mAP@[.5:.95], mAP@.5 and agreement mAP
+    (:mod:`edgekd.detection.evaluate`) instead of top-1; INT8 rows also carry the naive full-INT8
+    model's numbers (``naive_int8``), to show what the DETR rules buy."""
+    from edgekd.detection.evaluate import TorchDetector, artifact_detector
+    from edgekd.stages.teacher import trained_teacher
+
+    threads = resolve_threads(ctx.recipe.profile.threads)
+    stage_window, samples = LoadWindow().start(), {}
+    rows: list[dict[str, Any]] = []
+    stage = student_stage(ctx)
+    if "teacher" in ctx.results:
+        window = LoadWindow().start()
+        runner = TorchDetector(trained_teacher(ctx), threads)
+        path = ctx.path("teacher", "model_file")
+        row = _detection_torch_row(ctx, "teacher", "teacher", path)
+        teacher_row, _ = _detection_measure(ctx, runner, runner, row, None)
+        _with_load(teacher_row, window, samples)
+        rows.append(teacher_row)
+    window = LoadWindow().start()
+    runner = TorchDetector(load_student(ctx), threads)
+    row = _detection_torch_row(ctx, stage, "student", ctx.path(stage, "model_file"))
+    student_row, reference = _detection_measure(ctx, runner, runner, row, None)
+    student_row["accuracy"].update(agreement=1.0, agreement_map50=1.0)  # the reference itself
+    _with_load(student_row, window, samples)
+    rows.append(student_row)
+    for record in ctx.output("compile", "artifacts"):
+        backend, artifact, options, row = _artifact_row(ctx, record, stage)
+        window, memory = LoadWindow().start(), MemoryWindow().start()
+        runner = backend.load(artifact, threads=threads, **options)
+        detector = artifact_detector(artifact.path, record["backend"], threads)
+        measured, _ = _detection_measure(
+            ctx, runner, detector, {**row, "runtime_info": runner.info}, reference, memory
+        )
+        measured["naive_int8"] = _naive_int8(ctx, record, threads, reference)
+        measured["layer_times"] = _layer_times_detection(ctx, backend, artifact, threads, options)
+        _with_load(measured, window, samples)
+        rows.append(measured)
+    summary = _stage_summary(ctx, stage_window, samples, threads)
+    return {
+        "task": "detection",
+        "rows": rows,
+        **summary,
+        "eval_frames": len(reference),
+        "agreement_reference": "the FP32 PyTorch model's detections scoring >= 0.5",
+    }
+
+
+def _detection_torch_row(ctx: RunContext, stage: str, role: str, path: Path) -> dict[str, Any]:
+    return {
+        "name": f"{role} (PyTorch FP32)",
+        "role": role,
+        "model": ctx.output(stage, "model"),
+        "runtime": "torch",
+        "precision": "fp32",
+        "size_bytes": path.stat().st_size,
+        "params": ctx.results[stage].outputs.get("params"),
+        "flops": ctx.results[stage].outputs.get("flops"),
+    }
+
+
+def _layer_times_detection(
+    ctx: RunContext, backend: Any, artifact: Artifact, threads: int, options: dict[str, Any]
+) -> dict[str, Any] | None:
+    spec = ctx.recipe.profile
+    batch = np.ascontiguousarray(_detection_set(ctx).images[: spec.batch_size])
+    return backend.layer_times(
+        artifact, batch, runs=spec.iterations, warmup=spec.warmup, threads=threads, **options
+    )
 
 
 STAGE = Stage("profile", _run, recipe_fields("seed", "data", "profile", "target"), _inputs)

@@ -35,6 +35,7 @@ from edgekd.recipe import Recipe
 from edgekd.stages.teacher import trained_teacher
 
 INT8_FILE = "student.int8.onnx"
+NAIVE_INT8_FILE = "student.int8-naive.onnx"  # detection: full INT8 without the DETR rules, for comparison
 QAD_FILE = "student.qad.int8.onnx"
 PARITY_FRAMES = 1000
 
@@ -74,7 +75,7 @@ def calibration_set(ctx: RunContext) -> CalibrationSet:
     spec = ctx.recipe.quantize
     chosen = _calibration_indices(ctx)
     return CalibrationSet(
-        train_set.x[chosen],
+        (train_set.images if ctx.task == "detection" else train_set.x)[chosen],
         dataset_fingerprint=meta.fingerprint,
         preprocessing=meta.normalisation.get("description", meta.normalisation.get("type", "none")),
         requested=spec.calibration_samples,
@@ -149,6 +150,8 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         return {
             "skipped": "quantize.enabled is false" if not spec.enabled else f"{ctx.target.name} has no int8"
         }
+    if ctx.task == "detection":
+        return _run_detection(ctx, stage_dir)
     if spec.mode == "qad":
         return _run_qad_mode(ctx, stage_dir)
     if BACKENDS.get(ctx.target.backend).quantizes_itself:
@@ -202,6 +205,40 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "quantization": qad_info,
         "ptq_quantization": info,
         "ladder": ladder,
+    }
+
+
+def _run_detection(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    """A detector: static QDQ with the DETR rule set (:mod:`edgekd.quantize.detr_rules`), and the naive
+    full-INT8 model beside it so the report shows what the rules buy. No accuracy ladder: the mAP
+    budget (``quantize.max_accuracy_drop``) is applied by the deployment decision."""
+    from edgekd.quantize.detr_rules import GROUPS, quantize_detr_ort
+
+    if ctx.recipe.quantize.mode == "qad":
+        raise QuantizeError(
+            "quantize.mode: qad is for classifiers; a detection run quantises with the DETR rule set "
+            "(post-training): set quantize.mode: ptq"
+        )
+    if BACKENDS.get(ctx.target.backend).quantizes_itself:
+        return {
+            "skipped": f"backend {ctx.target.backend!r} of {ctx.target.name} quantises INT8 itself from the "
+            f"float model in the compile stage (NNCF, transformer type, DETR rules); no QDQ model is made"
+        }
+    options = _ptq_options(ctx)
+    source, calib = ctx.path("export", "onnx_file"), calibration_set(ctx)
+    target, naive = stage_dir / INT8_FILE, stage_dir / NAIVE_INT8_FILE
+    info = quantize_detr_ort(source, target, calib, GROUPS, **options)
+    naive_info = quantize_detr_ort(source, naive, calib, (), **options)
+    ctx.log(
+        f"  DETR rules: {', '.join(f'{g} x{n}' for g, n in info['float_groups'].items())} node(s) in float; "
+        f"naive full INT8 beside it for comparison"
+    )
+    log_kept_in_float(ctx, info.get("kept_in_float"))
+    return {
+        "int8_onnx_file": str(target.relative_to(ctx.run_dir)),
+        "quantization": info,
+        "naive_int8_onnx_file": str(naive.relative_to(ctx.run_dir)),
+        "naive_quantization": naive_info,
     }
 
 
@@ -286,6 +323,8 @@ def qad_rung(
         seed=recipe.seed,
         score=score,
         layout=qdq_layout(ctx.target.backend),
+        learn_ranges=recipe.quantize.qad_learn_ranges,
+        range_lr=recipe.quantize.qad_range_lr or 10 * lr,
         log=ctx.log,
     )
     info["loss"] = {"method": method_name, "asked": recipe.distill.method, "plus": "CE on labels"}

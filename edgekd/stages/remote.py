@@ -16,7 +16,7 @@ from edgekd import atomic
 from edgekd.pipeline import RunContext, Stage
 from edgekd.profile.remote import DeviceAddress, SshOptions, profile_remote
 from edgekd.recipe import Recipe
-from edgekd.stages.model_import import student_stage
+from edgekd.stages.model_import import load_student, student_stage
 from edgekd.targets import resolve_target
 
 RESULT_FILE = "device_profile.json"
@@ -84,6 +84,54 @@ def device_not_measured(ctx: RunContext, result: dict[str, Any]) -> list[dict[st
     ]
 
 
+def score_device_detections(
+    result: dict[str, Any], bundle: Path, student: Any | None = None
+) -> dict[str, Any]:
+    """``result`` (the device runner's JSON) with each detection row scored here, on the host.
+
+    The device ships its post-processed detections (``detections``, packed) with every row; a device
+    without faster-coco-eval cannot compute COCO mAP (its ``accuracy`` is None), so the host scores
+    them against the bundle's ``eval.npz`` ground truth with the same code
+    (:func:`edgekd.profile.detection_post.score`). With ``student`` (the PyTorch student) the host also
+    computes the agreement mAP: the device's detections against the student's own on the same images
+    (:func:`edgekd.detection.metrics.agreement`), as the profile stage does for the host's artifacts.
+    """
+    import json
+
+    import numpy as np
+
+    from edgekd.detection.evaluate import TorchDetector, predict
+    from edgekd.detection.metrics import Detections, agreement
+    from edgekd.profile.detection_post import score, unpack
+
+    rows = [row for row in result["rows"] if row.get("detections") is not None]
+    eval_file = bundle / "eval.npz"
+    if not rows or not eval_file.is_file():
+        return result
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    classes = list(manifest["labels"])
+    with np.load(eval_file) as loaded:
+        arrays = {key: loaded[key] for key in loaded.files}
+    size = int(arrays["x"].shape[-1])
+    reference = None if student is None else predict(TorchDetector(student), arrays["x"])
+    scored = []
+    for row in result["rows"]:
+        if row.get("detections") is None:
+            scored.append(row)
+            continue
+        found = unpack(row["detections"])
+        accuracy = row["accuracy"]
+        if accuracy is None:
+            here = score(arrays, found, classes)  # None only without faster-coco-eval on the host too
+            accuracy = None if here is None else {**here, "scored_on": "host (the device's detections)"}
+        if accuracy is not None and reference is not None:
+            agreed = agreement(reference, [Detections(*item) for item in found], classes, size)
+            finite = [None if value != value else float(value) for value in (agreed.map, agreed.map50)]
+            accuracy = {**accuracy, "agreement": finite[0], "agreement_map50": finite[1]}
+        scored.append({**row, "accuracy": accuracy})
+    return {**result, "rows": scored}
+
+
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     host = device_host(ctx.recipe)
     if host is None:
@@ -101,12 +149,17 @@ def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         "hint": profile.openvino_hint,
     }
     ctx.log(f"  profiling on {address} over SSH")
-    result = profile_remote(ctx.run_dir / ctx.output("bundle", "bundle_dir"), address, options, protocol)
+    bundle = ctx.run_dir / ctx.output("bundle", "bundle_dir")
+    result = profile_remote(bundle, address, options, protocol)
+    if ctx.task == "detection":
+        result = score_device_detections(result, bundle, load_student(ctx))
     atomic.write_json(stage_dir / RESULT_FILE, result)
     rows, not_measured = device_rows(ctx, result), device_not_measured(ctx, result)
+    metric = "mAP" if ctx.task == "detection" else "accuracy"
     for row in rows:
-        accuracy = "–" if row["accuracy"] is None else f"{row['accuracy']['accuracy']:.4f}"
-        ctx.log(f"  {row['name']}: accuracy {accuracy}, p50 {row['latency']['p50_ms']:.3f} ms")
+        value = (row["accuracy"] or {}).get("accuracy")  # None: not scored, or mAP of no object
+        accuracy = "–" if value is None else f"{value:.4f}"
+        ctx.log(f"  {row['name']}: {metric} {accuracy}, p50 {row['latency']['p50_ms']:.3f} ms")
     for item in not_measured:
         ctx.log(f"  {item['name']}: not measured ({item['why']})")
     if not rows:

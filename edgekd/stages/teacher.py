@@ -4,6 +4,10 @@ A teacher trained here is kept in the teacher store (:mod:`edgekd.distill.teache
 run with the same model, training settings, seed and data loads it from there instead of training
 (``--force teacher`` trains afresh and replaces the stored one).
 
+A detection run (:mod:`edgekd.tasks`) trains a DETR (``edgekd:detr-r18`` by default) on DETR's set loss
+with :func:`edgekd.detection.train.train_detector` (or loads ``teacher.checkpoint``, or reuses the
+store) and records its held-out COCO mAP (``val_map``, ``val_map50``) instead of an accuracy.
+
 An ``onnx:FILE`` teacher is copied into the stage directory as ``teacher.onnx`` (what later stages
 read) and its validation accuracy is measured through ONNX Runtime.
 
@@ -81,8 +85,101 @@ def _onnx_copy(copy: Path, meta: Any) -> torch.nn.Module:
     )
 
 
+def _detection_teacher(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
+    """A DETR teacher (:mod:`edgekd.tasks`: a detection run): loaded from ``teacher.checkpoint``,
+    reused from the teacher store, or trained here on DETR's set loss
+    (:func:`edgekd.detection.train.train_detector`), and scored with COCO mAP on the held-out split."""
+    from edgekd.detection.distill import build_detection_method
+    from edgekd.detection.train import build_detector, evaluate_model, train_detector
+
+    train_set, val_set, meta = ctx.dataset
+    spec = ctx.recipe.teacher
+    torch.manual_seed(ctx.recipe.seed)  # initial weights follow the seed
+    model = build_detector(
+        spec.model, meta, "teacher", spec.kwargs, spec.pretrained and spec.checkpoint is None
+    )
+    history: list[dict[str, Any]] = []
+    device = "cpu"  # a teacher loaded, not trained, is only evaluated (on the CPU)
+    key = None if spec.checkpoint is not None else _detection_store_key(ctx.recipe, model, meta.fingerprint)
+    reuse = spec.store and "teacher" not in ctx.forced  # --force teacher trains afresh
+    root = teacher_store.store_dir(ctx.recipe)
+    stored = teacher_store.find(root, key) if key and reuse else None
+    if spec.checkpoint is not None:
+        load_weights(model, spec.checkpoint, spec.model)
+        origin = str(spec.checkpoint)
+    elif stored is not None:
+        load_weights(model, stored["model_file"], spec.model)
+        history, origin = (
+            stored["history"],
+            f"teacher store {key} (trained on the set loss by run {stored['run']})",
+        )
+        ctx.log(
+            f"  teacher reused from the store {stored['model_file'].parent} (trained {stored['created']})"
+        )
+    else:
+        where = accelerator.training_device(ctx.recipe.distill.accelerator)
+        device = accelerator.describe(where)
+        result = train_detector(
+            model,
+            build_detection_method("none", model, None, len(meta.classes)),
+            train_set,
+            val_set,
+            spec.train,
+            ctx.recipe.seed,
+            stage_dir,
+            fingerprint(STAGE, ctx),
+            label="teacher",
+            log=ctx.log,
+            stage="teacher",
+            lr_field="teacher.train.lr",
+            device=where,
+        )
+        history, origin = result.history, "trained here on the set loss"
+    save_checkpoint(stage_dir / MODEL_FILE, model, spec.model, {"data_fingerprint": meta.fingerprint})
+    if key is not None and stored is None and spec.store:
+        record = {"run": ctx.recipe.name, "model": spec.model, "history": history}
+        teacher_store.publish(root, key, stage_dir / MODEL_FILE, record, ctx.log)
+    scores = evaluate_model(model, val_set)
+    ctx.log(f"  teacher held-out mAP@[.5:.95] {scores.map:.4f}, mAP@.5 {scores.map50:.4f}")
+    return {
+        "model_file": str((stage_dir / MODEL_FILE).relative_to(ctx.run_dir)),
+        "model": spec.model,
+        "task": "detection",
+        "origin": origin,
+        "params": count_parameters(model),
+        "flops": _flops(model, meta.input_shape),
+        "val_map": round(scores.map, 5),
+        "val_map50": round(scores.map50, 5),
+        "val_per_class": scores.per_class,
+        "history": history,
+        "device": device,
+    }
+
+
+def _flops(model: torch.nn.Module, input_shape: Any) -> int | None:
+    """FLOPs per sample, or None where the counter cannot trace the model."""
+    try:
+        return count_flops(model, input_shape)
+    except Exception:  # noqa: BLE001  (FlopCounterMode fails on some ops; the figure is optional)
+        return None
+
+
+def _detection_store_key(recipe: Recipe, model: torch.nn.Module, data_fingerprint: str) -> str:
+    """The teacher-store key of a DETR trained here: the classification key plus the detection
+    training code (the loop and the set loss), so a change to either retrains."""
+    from edgekd.detection import criterion
+    from edgekd.detection import train as detection_train
+    from edgekd.hashing import sha256_file
+
+    code = {Path(m.__file__).name: sha256_file(Path(m.__file__)) for m in (criterion, detection_train)}
+    key = {"key": _store_key(recipe, model, data_fingerprint), "task": "detection", "code": code}
+    return sha256_json(key)[:24]
+
+
 def _run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
     apply_training_threads(ctx.log)  # intra-op threads for the cores other processes leave free
+    if ctx.task == "detection":
+        return _detection_teacher(ctx, stage_dir)
     train_set, val_set, meta = ctx.dataset
     spec = ctx.recipe.teacher
     if is_onnx(spec.model):
@@ -166,6 +263,12 @@ def trained_teacher(ctx: RunContext) -> torch.nn.Module:
     _, _, meta = ctx.dataset
     name, file = ctx.output("teacher", "model"), ctx.path("teacher", "model_file")
     classes, channels = len(meta.classes), meta.input_shape[0]
+    if ctx.task == "detection":
+        from edgekd.detection.train import build_detector
+
+        teacher = build_detector(name, meta, "teacher", ctx.recipe.teacher.kwargs)
+        load_weights(teacher, file, name)
+        return teacher.eval().requires_grad_(False)
     if is_onnx(name):
         teacher = _onnx_copy(file, meta)
     else:
