@@ -480,6 +480,7 @@ def test_compress_for_cortex_m4_makes_a_verified_mcu_bundle(tmp_path):
     markdown = (tmp_path / "m4" / "report.md").read_text()
     assert "## Microcontroller: cortex-m4" in markdown and "under tflite-micro" in markdown
     assert "| flash |" in markdown and "| SRAM |" in markdown and "(estimate)**" in markdown
+    assert "The bundle's `model_data.cc` and `manifest.json`" in markdown  # TFLM firmware is C++
 
 
 def test_qad_on_a_microcontroller_target_is_one_line(tmp_path: Path) -> None:

@@ -326,6 +326,14 @@ def deployment_rows(decision: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _c_source(decision: dict[str, Any]) -> str:
+    """The bundle's C array file: ``model_data.cc`` for a microcontroller (TFLM is C++), else ``.c``."""
+    from edgekd.bundle.carray import SOURCE_FILE
+    from edgekd.mcu.firmware import SOURCE_FILE as MCU_SOURCE_FILE
+
+    return MCU_SOURCE_FILE if decision.get("backend") == "litert" else SOURCE_FILE
+
+
 def _deployment(decision: dict[str, Any] | None, rows: list[dict[str, Any]]) -> list[str]:
     """The deployment decision the bundle embeds: the candidates, the budget, and why."""
     if not decision or not decision.get("candidates"):
@@ -343,8 +351,8 @@ def _deployment(decision: dict[str, Any] | None, rows: list[dict[str, Any]]) -> 
         "## Deployment",
         "",
         f"Rule: {decision['rule']}{reference}; a pinned `bundle.artifact` overrides it. "
-        f"**{decision['reason']}.** The bundle's `model_data.c` and `manifest.json` embed and name "
-        "this artifact.",
+        f"**{decision['reason']}.** The bundle's `{_c_source(decision)}` and `manifest.json` embed and "
+        "name this artifact.",
         "",
         *_table([metric if c == "accuracy" else c for c in DEPLOYMENT_HEADER], deployment_rows(decision)),
         "",
