@@ -111,6 +111,10 @@ def _stage_seconds(run: Path, stage: str) -> float | None:
     return json.loads(found[0].read_text())["wall_s"] if found else None
 
 
+def _drop(fp32: dict[str, Any] | None, accuracy: float | None) -> float | None:
+    return None if not (fp32 and accuracy is not None) else round(fp32["accuracy"] - accuracy, 5)
+
+
 def _one(runs: Path, case: str, sets: list[str], seed: int, variant: str, extra: list[str]) -> dict[str, Any]:
     name = f"{case}-s{seed}"
     started = time.perf_counter()
@@ -127,14 +131,17 @@ def _one(runs: Path, case: str, sets: list[str], seed: int, variant: str, extra:
     accuracy = int8["accuracy"] if int8 else None
     p50 = int8["latency"]["p50_ms"] if int8 else None
     source = "report (profile stage)"
+    own_drop = None  # a drop measured on other frames than the held-out set, with its own FP32
     ladder = report.get("budget_ladder") or []
     if variant == "ptq_float_nodes" and ladder and ladder[-1]["rung"] == "qad":
         # The float-node rung missed the budget and the ladder went on to QAD (0 epochs here, so it
         # costs little): the row is the float-node rung's own model, measured on the same frames.
         # (on OpenVINO the float-node rung is NNCF's accuracy control)
         rung = next(r for r in ladder if r["rung"] in ("ptq_float_nodes", "nncf_accuracy_control"))
-        if rung["rung"] == "nncf_accuracy_control":  # its IR was replaced by QAD's: NNCF's own figure
+        if rung["rung"] == "nncf_accuracy_control":  # its IR was replaced by QAD's: NNCF's own figures
+            # (accuracy and drop on NNCF's validation frames, FP32 on the same frames: not the held-out set)
             accuracy, p50, source = rung["accuracy"], None, "NNCF accuracy control's own validation"
+            own_drop = rung["drop"]
         elif rung["file"] is None:  # every node ended in float: the FP32 model
             accuracy, p50, source = fp32["accuracy"], fp32["latency"]["p50_ms"], "no INT8 left: FP32"
         else:
@@ -147,7 +154,7 @@ def _one(runs: Path, case: str, sets: list[str], seed: int, variant: str, extra:
         "settings": [*sets, *extra],
         "fp32_accuracy": fp32["accuracy"] if fp32 else None,
         "accuracy": accuracy,
-        "drop": None if not (fp32 and accuracy is not None) else round(fp32["accuracy"] - accuracy, 5),
+        "drop": own_drop if own_drop is not None else _drop(fp32, accuracy),
         "p50_ms": p50,
         "fp32_p50_ms": fp32["latency"]["p50_ms"] if fp32 else None,
         "measured": source,
