@@ -26,8 +26,6 @@ needs_mcu = pytest.mark.skipif(
     bool(MCU_MISSING),
     reason=f"the mcu extra is not installed ({', '.join(MCU_MISSING)}): pip install -e '.[mcu]'",
 )
-# Top-level packages of the mcu extra's native toolchain (edgekd.mcu.isolated keeps them in children).
-NATIVE_TOOLCHAIN = {"litert_torch", "ai_edge_litert", "tflite_micro", "jax", "jaxlib"}
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
 M4 = {"core": "cortex-m4", "clock_mhz": 64.0, "sram_kb": 256.0, "flash_kb": 1024.0}
 
@@ -338,7 +336,6 @@ def test_a_model_that_does_not_fit_stops_the_firmware_build(tmp_path):
 def converted(tmp_path_factory):
     import torch
 
-    from edgekd.mcu import isolated
     from edgekd.mcu.convert import convert_int8
     from edgekd.models import build_model
     from edgekd.quantize.calibration import CalibrationSet
@@ -348,7 +345,7 @@ def converted(tmp_path_factory):
     frames = np.random.default_rng(0).standard_normal((96, 2, 128)).astype(np.float32)
     calib = CalibrationSet(frames[:64], "fingerprint", "none", requested=64, min_samples=16)
     path = tmp_path_factory.mktemp("mcu") / "student.int8.tflite"
-    record = isolated.call(convert_int8, model.eval(), calib, path)
+    record = convert_int8(model.eval(), calib, path)
     return model, path, record, frames[64:]
 
 
@@ -374,18 +371,16 @@ def test_litert_pt2e_makes_a_fully_int8_tflite_with_recorded_io_quantisation(con
 def test_tflm_and_litert_run_it_and_agree_with_pytorch(converted):
     import torch
 
-    from edgekd.mcu import isolated
     from edgekd.mcu.interpreters import LiteRTRunner, TflmRunner, measure_arena
 
     model, path, _, frames = converted
-    tflm = isolated.IsolatedRunner(TflmRunner, path).run(frames)
-    litert = isolated.IsolatedRunner(LiteRTRunner, path).run(frames)
+    tflm, litert = TflmRunner(path).run(frames), LiteRTRunner(path).run(frames)
     assert tflm.shape == litert.shape == (32, 11)
     with torch.no_grad():
         reference = model(torch.from_numpy(frames)).numpy()
     assert np.mean(tflm.argmax(1) == litert.argmax(1)) >= 0.9
     assert np.mean(tflm.argmax(1) == reference.argmax(1)) >= 0.7
-    arena = isolated.call(measure_arena, path, frames[0])
+    arena = measure_arena(path, frames[0])
     assert 4_000 < arena["total_bytes"] < 64_000
     assert arena["head_bytes"] + arena["tail_bytes"] == arena["total_bytes"]
 
@@ -415,7 +410,6 @@ def test_float_io_keeps_float32_input_output_with_quantize_dequantize_at_the_bou
     converted, compiled_float
 ):
     from edgekd.mcu.interpreters import LiteRTRunner, TflmRunner
-    from edgekd.mcu.isolated import IsolatedRunner
     from edgekd.mcu.tflite_model import read_tflite
 
     _, int8_path, int8_record, frames = converted
@@ -430,14 +424,12 @@ def test_float_io_keeps_float32_input_output_with_quantize_dequantize_at_the_bou
     mcu = compiled_float.metadata["mcu"]
     assert mcu["io"]["type"] == "float32" and mcu["fit"]["sram"]["io_bytes"] == 4 * (256 + 11)
     # float frames in, float logits out; the same decisions as the INT8-I/O model run on quantised frames
-    tflm_float = IsolatedRunner(TflmRunner, compiled_float.path).run(frames)
-    tflm_int8 = IsolatedRunner(TflmRunner, int8_path).run(frames)
+    tflm_float, tflm_int8 = TflmRunner(compiled_float.path).run(frames), TflmRunner(int8_path).run(frames)
     assert tflm_float.dtype == np.float32 and tflm_float.shape == (32, 11)
     assert np.mean(tflm_float.argmax(1) == tflm_int8.argmax(1)) >= 0.9
     out_scale = int8_record["output_quantization"]["scale"]
     assert np.median(np.abs(tflm_float - tflm_int8)) <= 2 * out_scale
-    litert_float = IsolatedRunner(LiteRTRunner, compiled_float.path).run(frames)
-    assert np.mean(litert_float.argmax(1) == tflm_float.argmax(1)) >= 0.9
+    assert np.mean(LiteRTRunner(compiled_float.path).run(frames).argmax(1) == tflm_float.argmax(1)) >= 0.9
 
 
 @needs_mcu
@@ -500,24 +492,3 @@ def test_a_device_for_a_microcontroller_target_is_one_line(tmp_path: Path) -> No
     )
     assert_user_error(result, "target cortex-m4 is a microcontroller", "drop --device")
     assert not any(tmp_path.iterdir())
-
-
-@needs_mcu
-def test_the_mcu_toolchain_never_enters_this_process(converted, compiled_float):
-    """Conversion, both interpreters and the profile runner ran above, each in a child process
-    (edgekd.mcu.isolated): none of their native libraries is loaded here, and a runner's failure in the
-    child comes back as the same one-line error."""
-    import sys
-
-    from edgekd.backends.base import Artifact
-    from edgekd.backends.litert import LiteRTBackend
-    from edgekd.errors import ModelError
-
-    runner = LiteRTBackend().load(Artifact(compiled_float.path, "litert", "int8", compiled_float.metadata))
-    assert runner.info["process"].startswith("child")
-    assert runner.run(np.zeros((2, 2, 128), np.float32)).shape == (2, 11)
-    with pytest.raises(ModelError, match="takes frames of shape"):
-        runner.run(np.zeros((1, 3, 7), np.float32))
-    runner.close()
-    loaded = {name for name in sys.modules if name.split(".")[0] in NATIVE_TOOLCHAIN}
-    assert loaded == set()

@@ -7,8 +7,7 @@ outputs); its metadata ``mcu`` holds the model's ops and MACs, its I/O, the tens
 allocator measured, the fit check against the target's flash and SRAM, and the cycle estimate (also for
 every shipped ``cortex-m*`` target: ``by_target``). ``load`` runs it under TFLM's Python interpreter (the
 reference kernels, bit-exact with CMSIS-NN by design), so the profile stage's accuracy is that of the
-artifact as the microcontroller runs it. Conversion and both interpreters run in a child process
-(:mod:`edgekd.mcu.isolated`): their native libraries never enter edgekd's own.
+artifact as the microcontroller runs it.
 """
 
 from __future__ import annotations
@@ -65,9 +64,10 @@ class LiteRTBackend(Backend):
 
         ``budget`` (``quantize.max_accuracy_drop``) is not applied: PT2E quantises every layer and no
         layer can be kept in float here; the quantisation record says so (``budget_not_applied``)."""
-        from edgekd.mcu import isolated
+        from edgekd.mcu.convert import convert_int8
         from edgekd.mcu.cycles import estimate_cycles
         from edgekd.mcu.fit import arena_constant, fit_check
+        from edgekd.mcu.interpreters import LiteRTRunner, TflmRunner, measure_arena
         from edgekd.mcu.tflite_model import read_tflite
 
         self.check_precision(precision)
@@ -79,8 +79,7 @@ class LiteRTBackend(Backend):
         if calib is None:
             raise RecipeError(f"backend {self.name!r} builds INT8 only: enable quantize (calibration frames)")
         path = Path(out_dir) / ARTIFACT
-        built = isolated.call(_convert_and_measure, model, calib, path, io, what="converting the student")
-        quantization, arena, tflm, litert = built
+        quantization = convert_int8(model, calib, path, io=io)
         if budget is not None:
             quantization["budget_not_applied"] = (
                 f"quantize.max_accuracy_drop={budget.max_drop} is not applied on backend {self.name!r}: "
@@ -88,6 +87,10 @@ class LiteRTBackend(Backend):
                 f"compare the TFLM INT8 accuracy with the FP32 row in the report"
             )
         parsed = read_tflite(path)
+        arena = measure_arena(path, calib.data[0])
+        frames = calib.data[:AGREEMENT_FRAMES]
+        tflm = TflmRunner(path).run(frames).argmax(axis=1)
+        litert = LiteRTRunner(path).run(frames).argmax(axis=1)
         mcu: dict[str, Any] = {
             "model": parsed.to_dict(),
             "io": {
@@ -99,7 +102,7 @@ class LiteRTBackend(Backend):
             "tensor_arena_bytes": arena_constant(arena["total_bytes"]),
             "interpreter_agreement": {
                 "tflm_vs_litert_top1": float(np.mean(tflm == litert)),
-                "frames": len(tflm),
+                "frames": len(frames),
                 "frames_from": "the calibration set (the held-out accuracy is the profile stage's)",
             },
         }
@@ -122,26 +125,9 @@ class LiteRTBackend(Backend):
     def load(self, artifact: Artifact, threads: int | None = None) -> Any:
         """TFLM's interpreter over ``artifact`` (single-threaded, as on the microcontroller)."""
         from edgekd.mcu.interpreters import TflmRunner
-        from edgekd.mcu.isolated import IsolatedRunner
 
         self.check_artifact(artifact)
-        return IsolatedRunner(TflmRunner, artifact.path)
-
-
-def _convert_and_measure(
-    model: Any, calib: CalibrationSet, path: Path, io: str
-) -> tuple[dict[str, Any], dict[str, Any], np.ndarray, np.ndarray]:
-    """In the toolchain's child process: convert, measure the arena, and the top-1 of the calibration
-    frames under TFLM and under LiteRT (the two interpreters should agree)."""
-    from edgekd.mcu.convert import convert_int8
-    from edgekd.mcu.interpreters import LiteRTRunner, TflmRunner, measure_arena
-
-    quantization = convert_int8(model, calib, path, io=io)
-    arena = measure_arena(path, calib.data[0])
-    frames = calib.data[:AGREEMENT_FRAMES]
-    tflm = TflmRunner(path).run(frames).argmax(axis=1)
-    litert = LiteRTRunner(path).run(frames).argmax(axis=1)
-    return quantization, arena, tflm, litert
+        return TflmRunner(artifact.path)
 
 
 def _by_target(parsed: Any, arena_total: int) -> list[dict[str, Any]]:

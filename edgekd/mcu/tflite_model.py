@@ -2,16 +2,11 @@
 shapes and multiply-accumulates, the distinct builtin ops (the op resolver's list), and the input and
 output tensors with their quantisation (scale, zero point).
 
-Reads the flatbuffer with the schema module that ``tflite-micro`` ships (the mcu extra), loaded from its
-file on its own: importing it as ``tflite_micro....`` would run the package's ``__init__``, which loads
-TFLM's native interpreter into edgekd's process (:mod:`edgekd.mcu.isolated` says why it must not).
+Reads the flatbuffer with the schema module that ``tflite-micro`` ships (the mcu extra).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,33 +55,14 @@ RESOLVER_METHODS = {
 }
 
 
-SCHEMA_FILE = Path("tensorflow") / "lite" / "micro" / "python" / "schema_py_generated.py"
-SCHEMA_MODULE = "edgekd_tflite_schema"
-
-
-@functools.cache
 def _schema() -> Any:
-    """tflite-micro's generated flatbuffer schema (pure Python: it needs only ``flatbuffers``)."""
-    spec = importlib.util.find_spec("tflite_micro")  # a top-level name: its __init__ does not run
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    files = [Path(root) / SCHEMA_FILE for root in roots if (Path(root) / SCHEMA_FILE).is_file()]
-    if not files:
-        raise BackendUnavailable(
-            "reading a .tflite model needs tflite-micro's schema module (not found); install it with: "
-            "pip install -e '.[mcu]'"
-        )
-    loader_spec = importlib.util.spec_from_file_location(SCHEMA_MODULE, files[0])
-    module = importlib.util.module_from_spec(loader_spec)
-    sys.modules[SCHEMA_MODULE] = module
     try:
-        loader_spec.loader.exec_module(module)
-    except ImportError as exc:  # flatbuffers missing
-        del sys.modules[SCHEMA_MODULE]
+        from tflite_micro.tensorflow.lite.micro.python import schema_py_generated as schema
+    except ImportError as exc:
         raise BackendUnavailable(
-            f"reading a .tflite model needs tflite-micro's schema module ({exc}); install it with: "
-            f"pip install -e '.[mcu]'"
+            f"reading a .tflite model needs tflite-micro ({exc}); install it with: pip install -e '.[mcu]'"
         ) from None
-    return module
+    return schema
 
 
 @dataclass

@@ -215,16 +215,6 @@ class MemoryWindow:
         return self
 
     def stop(self, runner: Any = None) -> dict[str, Any]:
-        if getattr(runner, "out_of_process", False):  # edgekd.mcu.isolated: this process holds none of it
-            return {
-                "rss_before_mb": None,
-                "peak_rss_mb": None,
-                "peak_added_mb": None,
-                "rss_added_mb": None,
-                "method": "not measured here: the artifact runs in a child process (edgekd.mcu.isolated); "
-                "its working memory on the device is the tensor arena (the report's Microcontroller section)",
-                "runtime_arena": None,
-            }
         peak, now = _status_mb("VmHWM"), _status_mb("VmRSS") or current_rss_mb()
         before = self.before
 
