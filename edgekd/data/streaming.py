@@ -214,10 +214,16 @@ def load_batches(
         multiprocessing_context=WORKER_START if workers else None,
         generator=torch.Generator().manual_seed(seed % 2**63),
     )
-    for item in loader:
-        if isinstance(item, _Failed):
-            raise item.error
-        yield item
+    batches_iter = iter(loader)
+    try:
+        for item in batches_iter:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+    finally:  # workers stop here, not whenever the garbage collector finds an abandoned iterator
+        shutdown = getattr(batches_iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def index_batches(count: int, batch_size: int) -> list[np.ndarray]:
