@@ -3,6 +3,9 @@ losses and weights as the in-memory path, reproducible with DataLoader workers; 
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,7 @@ from edgekd.distill.trainer import predict_accuracy, train
 from edgekd.errors import DataError, RecipeError
 from edgekd.recipe import DataSpec, DistillSpec, TrainSpec
 from tests.test_cli import assert_user_error, run_cli
+from tests.test_openvino import needs_openvino
 
 SIZE = 16  # data.image_size of these tests
 
@@ -184,3 +188,53 @@ def test_stream_true_on_a_source_that_cannot_stream_is_one_line(tmp_path: Path) 
         "--until", "teacher",
     )  # fmt: skip
     assert_user_error(result, "data.stream=true", "radio-synthetic", "cannot stream", "data.stream: auto")
+
+
+def test_workers_leave_the_sigchld_disposition_as_it_was(folder: Path, monkeypatch) -> None:
+    """torch's SIGCHLD handler would run at every later child exit on an alternate signal stack that
+    OpenVINO can leave unmapped (see the next test); torch installs it once per process, so that flag is
+    reset here to see the first install whatever ran before."""
+    from torch.utils.data._utils import signal_handling
+
+    monkeypatch.setattr(signal_handling, "_SIGCHLD_handler_set", False)
+    before = signal.getsignal(signal.SIGCHLD)
+    lazy, _, _ = build_dataset(_spec(folder, True, workers=2), seed=0)
+    assert len(list(load_batches(lazy.x, index_batches(len(lazy), 8)))) == len(index_batches(len(lazy), 8))
+    assert signal.getsignal(signal.SIGCHLD) is before
+
+
+# Two ov.Core released in the order they were made: OpenVINO's CPU plugin (SigAltStackSetup) then leaves
+# the main thread's alternate signal stack on the first Core's unmapped one. A streamed pass with workers
+# followed by a subprocess ended such a process in SIGSEGV (the whole test suite in one process did).
+OPENVINO_THEN_STREAM = """
+import subprocess, sys
+import numpy as np, openvino as ov
+from openvino import opset13 as ops
+from edgekd.data import build_dataset
+from edgekd.data.streaming import index_batches, load_batches
+from edgekd.recipe import DataSpec
+
+p = ops.parameter([1, 3], np.float32)
+model = ov.Model([ops.relu(p)], [p])
+first_core = ov.Core()
+first = first_core.compile_model(model, "CPU")
+second_core = ov.Core()
+second = second_core.compile_model(model, "CPU")
+del first, first_core
+del second, second_core
+spec = DataSpec(name="imagefolder", path=sys.argv[1], image_size=16, stream=True, workers=2)
+train_set, _, _ = build_dataset(spec, seed=0)
+batches = list(load_batches(train_set.x, index_batches(len(train_set), 8)))
+for _ in range(3):
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+print("ok", len(batches))
+"""
+
+
+@needs_openvino
+def test_child_exits_after_openvino_and_a_streamed_pass_do_not_crash(folder: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", OPENVINO_THEN_STREAM, str(folder)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.startswith("ok"), result.stdout

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgekd.backends import BACKENDS
 from edgekd.backends.base import PRECISIONS, Artifact, Backend, resolve_threads
+from edgekd.backends.signal_stack import openvino_signal_stack
 from edgekd.errors import BackendUnavailable, ExportError, ModelError, QuantizeError, RecipeError, first_line
 from edgekd.hashing import sha256_file
 from edgekd.profile.layers import summarize_layers
@@ -213,7 +214,8 @@ class OpenVinoBackend(Backend):
         if perf_count:
             config["PERF_COUNT"] = True
         try:
-            return core, core.compile_model(str(artifact.path), DEVICE, config)
+            with openvino_signal_stack():
+                return core, core.compile_model(str(artifact.path), DEVICE, config)
         except Exception as exc:
             raise ModelError(f"OpenVINO cannot load {artifact.path}: {first_line(exc)}") from exc
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -181,6 +183,27 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def _iterate_keeping_sigchld(loader: torch.utils.data.DataLoader) -> Any:
+    """``iter(loader)``, with this process's SIGCHLD disposition left as it was.
+
+    torch's first multi-worker iterator installs a Python-level SIGCHLD handler for the rest of the
+    process, to notice a worker that dies. Our workers are children of the forkserver, not of this
+    process, so that handler never sees them (torch also polls its workers, which is what notices a
+    dead one here). And a Python-level handler runs on the thread's alternate signal stack
+    (SA_ONSTACK): OpenVINO's CPU plugin installs one per ``ov.Core`` and, when two Cores are released
+    in the order they were made, leaves the thread on an unmapped one, so with torch's handler in place
+    the next child exit (any subprocess) crashed this process with SIGSEGV, or wrote the signal frame
+    over memory reused by then (a corrupted heap, a crash later elsewhere).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGCHLD) if main else None  # None too: installed from C
+    try:
+        return iter(loader)
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGCHLD) is not previous:
+            signal.signal(signal.SIGCHLD, previous)
+
+
 def load_batches(
     x: np.ndarray | FileArray,
     batches: Sequence[np.ndarray],
@@ -214,7 +237,7 @@ def load_batches(
         multiprocessing_context=WORKER_START if workers else None,
         generator=torch.Generator().manual_seed(seed % 2**63),
     )
-    batches_iter = iter(loader)
+    batches_iter = _iterate_keeping_sigchld(loader)
     try:
         for item in batches_iter:
             if isinstance(item, _Failed):

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgekd.backends.signal_stack import compile_on_cpu
 from edgekd.backends.torch import TorchRunner
 from edgekd.detection.metrics import Detections, agreement, evaluate_dataset, postprocess
 from edgekd.profile.detection_post import ACTIVATION, SCORE_THRESHOLD, TOP_K
@@ -74,11 +75,10 @@ class OpenVinoDetector:
     """An OpenVINO IR (or ONNX) compiled for the CPU; both outputs by name."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import openvino as ov
 
         self.path = Path(path)
         config = {"INFERENCE_NUM_THREADS": int(threads)} if threads else {}
-        self._compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        self._compiled = compile_on_cpu(str(self.path), config)
         names = [output.get_any_name() for output in self._compiled.outputs]
         missing = [name for name in OUTPUTS if name not in names]
         if missing:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgekd.backends.signal_stack import compile_on_cpu, openvino_signal_stack
 from edgekd.errors import QuantizeError, first_line
 from edgekd.quantize.budget import AccuracyBudget
 from edgekd.quantize.calibration import CalibrationSet
@@ -59,7 +60,7 @@ def ov_accuracy(model: ov.Model | ov.CompiledModel, budget: AccuracyBudget) -> f
     """Top-1 accuracy of an OpenVINO model (compiled for CPU if needed) on the budget's frames."""
     import openvino as ov
 
-    compiled = model if isinstance(model, ov.CompiledModel) else ov.Core().compile_model(model, "CPU")
+    compiled = model if isinstance(model, ov.CompiledModel) else compile_on_cpu(model)
     logits = [compiled(budget.x[i : i + EVAL_BATCH])[0] for i in range(0, len(budget), EVAL_BATCH)]
     return budget.accuracy(np.concatenate(logits))
 
@@ -100,7 +101,6 @@ def kept_in_float(model: ov.Model) -> dict[str, int]:
 def check_finite(model: ov.Model, calib: CalibrationSet) -> None:
     """QuantizeError when a float constant (weight) of ``model`` or its output on a calibration sample
     is NaN/inf: a diverged training, for which no INT8 range exists (NNCF would quantise garbage)."""
-    import openvino as ov
 
     bad_weights = 0
     for op in model.get_ops():
@@ -109,7 +109,7 @@ def check_finite(model: ov.Model, calib: CalibrationSet) -> None:
             bad_weights += int(values.size - np.count_nonzero(np.isfinite(values)))
     bad_outputs = 0
     if not bad_weights:
-        compiled = ov.Core().compile_model(model, "CPU")
+        compiled = compile_on_cpu(model)
         for start in range(0, len(calib), EVAL_BATCH):
             values = np.asarray(compiled(calib.data[start : start + EVAL_BATCH])[0])
             bad_outputs += int(values.size - np.count_nonzero(np.isfinite(values)))
@@ -165,7 +165,7 @@ def quantize_openvino(
         if "ignored_scope" in settings_extra:
             record["ignored_scope"] = list(settings_extra["ignored_scope"].names)
     try:
-        with _nncf_log() as log:
+        with _nncf_log() as log, openvino_signal_stack():  # NNCF makes and frees Cores of its own
             if budget is None:
                 quantized = nncf.quantize(model, calibration, **settings)
             else:
