@@ -164,14 +164,15 @@ def test_cached_teacher_memory_gives_the_same_loss(pair: tuple[DETR, DETR]) -> N
     student.eval()
     live = method.loss(images, targets, student, teacher)
     with torch.no_grad():
-        memory, _ = teacher.encode(images)
+        memory, _, _ = teacher.encode(images)
     cached = method.loss(images, targets, student, teacher, teacher_memory=memory)
     student.train()
-    assert memory.shape == (2, 4, 128) and memory.numel() * 4 == 2 * teacher_memory_bytes(128, SIZE)
+    tokens = (SIZE // 16) ** 2
+    assert memory.shape == (2, tokens, 128) and memory.numel() * 4 == 2 * teacher_memory_bytes(128, SIZE, 16)
     for key in live:
         assert cached[key].item() == pytest.approx(live[key].item(), rel=1e-5)
-    assert teacher_memory_bytes("edgekd:detr-r18", 128) == 16 * 128 * 4 == 8192
-    assert teacher_memory_bytes("edgekd:detr-mnv3", 128) == 4096
+    assert teacher_memory_bytes("edgekd:detr-r18", 128) == 64 * 128 * 4 == 32768
+    assert teacher_memory_bytes("edgekd:detr-mnv3", 128) == 16384
 
 
 @pytest.mark.parametrize("name", ["memory-mse", "kd-detr", "clockdistill"])

@@ -68,22 +68,22 @@ def test_run_context_task_follows_the_data(tmp_path):
 
 def test_detection_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path):
     recipe = load_recipe(None, ["data.name=scenes"])
-    assert (recipe.teacher.model, recipe.student.model) == ("edgekd:detr-r18", "edgekd:detr-mnv3")
+    assert (recipe.teacher.model, recipe.student.model) == ("edgekd:detr-mnv3l", "edgekd:detr-mnv3")
     assert recipe.distill.method == "clockdistill"
     assert recipe.data.image_size == 128
     assert recipe.teacher.checkpoint is None  # the shipped radio teacher does not stand for scenes
     for train in (recipe.teacher.train, recipe.distill.train):
-        assert (train.batch_size, train.lr, train.weight_decay) == (16, 1e-4, 1e-4)
+        assert (train.batch_size, train.lr, train.weight_decay) == (16, 1e-3, 1e-4)
     chosen = load_recipe(None, ["data.name=scenes", "distill.method=none", "teacher.train.epochs=3"])
     assert chosen.distill.method == "none"
-    assert (chosen.teacher.train.epochs, chosen.teacher.train.lr) == (3, 1e-4)
+    assert (chosen.teacher.train.epochs, chosen.teacher.train.lr) == (3, 1e-3)
     again = Recipe.model_validate(recipe.model_dump(mode="json"))  # report.json's recipe round-trips
     assert again == recipe
 
 
 def test_shipped_detection_recipe_is_the_cli_defaults():
     shipped = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "detection.yaml")
-    cli = load_recipe(None, ["data.name=scenes", "name=scenes", "target=x86-ort", "data.scenes=1200"])
+    cli = load_recipe(None, ["data.name=scenes", "name=scenes", "target=x86-ort", "data.scenes=2000"])
     assert shipped == cli
 
 
@@ -317,7 +317,7 @@ def test_compress_scenes_through_distill(tmp_path):
     recipe = scenes_recipe(tmp_path, "data.scenes=24", "teacher.train.epochs=1", "distill.train.epochs=2")
     results = compress(recipe, until="distill", log=lambda m: None)
     teacher, distill = results["teacher"], results["distill"]
-    assert teacher["model"] == "edgekd:detr-r18" and teacher["origin"] == "trained here on the set loss"
+    assert teacher["model"] == "edgekd:detr-mnv3l" and teacher["origin"] == "trained here on the set loss"
     assert distill["model"] == "edgekd:detr-mnv3" and distill["method"] == "clockdistill"
     for outputs in (teacher, distill):
         assert 0.0 <= outputs["val_map"] <= outputs["val_map50"] <= 1.0

@@ -28,6 +28,7 @@ ALLOWED_OPS = {
     "BatchNormalization", "MatMul", "Gemm", "Softmax", "LayerNormalization", "Add", "Sub", "Mul", "Div",
     "Sigmoid", "Log", "Clip", "Sin", "Cos", "Reshape", "Transpose", "Concat", "Slice", "Unsqueeze",
     "Squeeze", "Expand", "Shape", "Gather", "Flatten", "Constant", "Identity",
+    "ReduceMax", "TopK", "GatherElements",  # query selection: the tokens of highest class score
 }  # fmt: skip
 
 
@@ -48,11 +49,15 @@ def test_outputs_shapes_and_boxes_in_unit_square(name: str) -> None:
     model = _detr(name)
     size = SIZES[name]
     out = model(torch.randn(2, 3, SIZE, SIZE))
-    queries, d_model = size["num_queries"], size["d_model"]
+    tokens = (SIZE // size["feature_stride"]) ** 2
+    queries, d_model = (
+        min(size["num_queries"], tokens),
+        size["d_model"],
+    )  # query selection: at most a token each
     assert out["logits"].shape == (2, queries, 5)
     assert out["boxes"].shape == (2, queries, 4)
-    assert out["memory"].shape == (2, (SIZE // 32) ** 2, d_model)
-    assert len(out["aux"]) == size["decoder_layers"] - 1
+    assert out["memory"].shape == (2, tokens, d_model)
+    assert len(out["aux"]) == size["decoder_layers"]  # the earlier decoder layers and the chosen proposals
     for layer in out["aux"]:
         assert layer["logits"].shape == (2, queries, 5) and layer["boxes"].shape == (2, queries, 4)
     for boxes in [out["boxes"], *(layer["boxes"] for layer in out["aux"])]:
@@ -67,7 +72,7 @@ def test_sizes_teacher_is_larger_than_student() -> None:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert (len(teacher.encoder), len(teacher.decoder), teacher.d_model) == (3, 3, 128)
     assert (len(student.encoder), len(student.decoder), student.d_model) == (1, 2, 64)
-    assert count(teacher) > 5 * count(student)
+    assert count(teacher) > 3 * count(student)
     assert 0.5e6 < count(student) < 2e6  # mobilenetv3_small_100 backbone + a 64-wide transformer
 
 
@@ -75,18 +80,116 @@ def test_decode_takes_other_queries_over_the_same_memory() -> None:
     model = _detr("edgekd:detr-mnv3").eval()
     images = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        memory, pos = model.encode(images)
+        memory, pos, grid = model.encode(images)
         anchors = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.4, 0.3], [0.5, 0.5, 0.9, 0.9]])
         layers = model.decode(
             memory, pos, anchors.expand(2, -1, -1), content=torch.randn(2, 3, model.d_model)
         )
         assert [out["logits"].shape for out in layers] == [(2, 3, 5)] * 2
         assert layers[-1]["hidden"].shape == (2, 3, model.d_model)
-        # the default queries are the learned anchors: forward == encode + decode
-        full, last = model(images), model.decode(memory, pos)[-1]
+        # the model's own queries are its chosen proposals: forward == encode + decode from them
+        chosen = model.proposals(memory, grid)
+        full, last = model(images), model.decode(memory, pos, chosen["anchors"], chosen["content"])[-1]
         assert torch.allclose(full["boxes"], last["boxes"]) and torch.allclose(full["memory"], memory)
+        with pytest.raises(ValueError, match="decodes given anchors"):
+            model.decode(memory, pos)
         # with a zero box delta (the head's initialisation) the first layer returns its anchors
         assert torch.allclose(layers[0]["boxes"], anchors.expand(2, -1, -1), atol=1e-5)
+
+
+def test_query_selection_starts_the_decoder_at_the_top_proposals() -> None:
+    torch.manual_seed(0)
+    sizes = {"d_model": 32, "heads": 4, "encoder_layers": 1, "decoder_layers": 2, "ffn_dim": 64}
+    model = DETR(
+        5, backbone="mobilenetv3_small_100", num_queries=10, feature_stride=16, query_selection=True, **sizes
+    )
+    model.eval()
+    assert model.stride == 16
+    images = torch.randn(2, 3, SIZE, SIZE)  # a 4x4 map: 16 tokens, 10 chosen
+    with torch.no_grad():
+        memory, pos, grid = model.encode(images)
+        chosen = model.proposals(memory, grid)
+        out = model(images)
+    assert grid == (4, 4) and chosen["logits"].shape == (2, 10, 5) and chosen["anchors"].shape == (2, 10, 4)
+    dense = out["dense"]
+    assert dense["logits"].shape == (2, 16, 5) and dense["boxes"].shape == (2, 16, 4)
+    # the chosen tokens are the 10 of highest class score, in order
+    best = dense["logits"].amax(-1).topk(10, dim=1).indices
+    assert torch.equal(chosen["boxes"], dense["boxes"].gather(1, best.unsqueeze(-1).expand(-1, -1, 4)))
+    # with a zero box delta (the heads' initialisation) each token's proposal is its cell: centre and a
+    # side of 0.05 * stride / 8 (Deformable DETR's two-stage proposals)
+    centres = (torch.arange(4) + 0.5) / 4
+    assert torch.allclose(dense["boxes"][0, :4, 0], centres) and torch.allclose(
+        dense["boxes"][0, ::4, 1], centres
+    )
+    assert torch.allclose(dense["boxes"][..., 2:], torch.full((2, 16, 2), 0.1))
+    # the decoder starts at the chosen proposals: its first layer (zero delta) returns them
+    assert torch.allclose(out["aux"][0]["boxes"], chosen["anchors"], atol=1e-5)
+    assert out["aux"][-1]["logits"].shape == (2, 10, 5)  # the proposals' set loss (RT-DETR's encoder loss)
+    # the kd-detr baseline's "specific" queries are the same anchors
+    assert torch.equal(model.query_anchors(memory, grid), chosen["anchors"])
+
+
+def test_feature_stride_must_be_one_of_the_backbone_stages() -> None:
+    with pytest.raises(
+        ModelError, match=r"no stage of stride 12; feature_stride is one of \[2, 4, 8, 16, 32\]"
+    ):
+        DETR(5, backbone="resnet18", feature_stride=12)
+
+
+def test_dense_loss_assigns_centre_cells_one_to_many() -> None:
+    criterion = SetCriterion(5)
+    rows = cols = 4
+    centres = (torch.arange(4) + 0.5) / 4
+    grid_y, grid_x = torch.meshgrid(centres, centres, indexing="ij")
+    anchors = torch.cat(
+        (torch.stack((grid_x, grid_y), -1).reshape(1, 16, 2), torch.full((1, 16, 2), 0.1)), -1
+    )
+    big, tiny = [0.5, 0.5, 0.6, 0.6], [0.1, 0.1, 0.05, 0.05]
+    targets = [_target([1, 3], [big, tiny])]
+    # a large object owns the four cells whose centres fall inside it near its centre; an object smaller
+    # than a cell keeps the one cell holding its centre
+    expected = {5: (1, big), 6: (1, big), 9: (1, big), 10: (1, big), 0: (3, tiny)}
+    boxes = torch.rand(1, 16, 4) * 0.2 + 0.4
+    onehot = torch.zeros(1, 16, 5)
+    for token, (label, box) in expected.items():
+        boxes[0, token] = torch.tensor(box)
+        onehot[0, token, label] = 1.0
+    logits = torch.randn(1, 16, 5)
+    dense = {"logits": logits, "boxes": boxes, "anchors": anchors, "grid": (rows, cols)}
+    losses = criterion.dense_losses(dense, targets)
+    assert losses["bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["giou"].item() == pytest.approx(0.0, abs=1e-4)
+    assert losses["class"].item() == pytest.approx(sigmoid_focal_loss(logits, onehot, 5).item(), rel=1e-6)
+    # a smaller object over the same cells takes them (FCOS: the smallest box wins)
+    inner = [0.5, 0.5, 0.3, 0.3]
+    boxes[0, [5, 6, 9, 10]] = torch.tensor(inner)
+    onehot[0, [5, 6, 9, 10]] = 0.0
+    onehot[0, [5, 6, 9, 10], 2] = 1.0
+    losses = criterion.dense_losses(dense, [_target([1, 3, 2], [big, tiny, inner])])
+    assert losses["bbox"].item() == pytest.approx(0.0, abs=1e-6)
+    assert losses["class"].item() == pytest.approx(sigmoid_focal_loss(logits, onehot, 5).item(), rel=1e-6)
+    # and an image without objects has only negatives
+    empty = criterion.dense_losses(dense, [_target([], [])])
+    assert empty["class"].item() == pytest.approx(
+        sigmoid_focal_loss(logits, torch.zeros_like(logits), 1).item()
+    )
+
+
+def test_dense_loss_weight_adds_the_weighted_dense_terms() -> None:
+    model = _detr("edgekd:detr-mnv3")
+    assert model.dense_loss_weight == 1.0  # the registered sizes' choice (ours; the class default is 0)
+    out = model(torch.randn(1, 3, SIZE, SIZE))
+    targets = [_target([1, 3], [[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])]
+    criterion = SetCriterion(5)
+    dense = criterion.dense_losses(out["dense"], targets)
+    with_term = criterion(out, targets)["loss"]
+    out["dense"]["weight"] = 0.0
+    without = criterion(out, targets)["loss"]
+    expected = dense["class"] + 5 * dense["bbox"] + 2 * dense["giou"]
+    assert (with_term - without).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ModelError, match="set query_selection too"):
+        DETR(5, backbone="mobilenetv3_small_100", dense_loss_weight=1.0)
 
 
 def test_registry_guard_keeps_detection_models_out_of_classification() -> None:
@@ -242,7 +345,7 @@ def test_onnx_export_parity_and_standard_ops(tmp_path: Path) -> None:
         logits, boxes = session.run(["logits", "boxes"], {"images": images.numpy()})
         with torch.no_grad():
             expected_logits, expected_boxes = export(images)
-        assert logits.shape == (batch, 30, 5) and boxes.shape == (batch, 30, 4)
+        assert logits.shape == (batch, 16, 5) and boxes.shape == (batch, 16, 4)  # 16 tokens, all chosen
         assert np.abs(logits - expected_logits.numpy()).max() < 1e-4
         assert np.abs(boxes - expected_boxes.numpy()).max() < 1e-4
     # ONNX Runtime's static QDQ quantiser takes the graph as it is: MatMuls and Convs get Q/DQ pairs

@@ -40,7 +40,7 @@ from edgekd.errors import DataError, RecipeError
 from edgekd.recipe import DataSpec
 from edgekd.tasks import DETECTION
 
-DEFAULT_SCENES = 1200
+DEFAULT_SCENES = 2000
 DATA_DIR_ENV = "EDGEKD_DATA_DIR"
 DEFAULT_DATA_DIR = Path("models/data")  # <runs_dir>/../data for the default runs_dir (models/runs)
 

@@ -16,6 +16,11 @@ ICLR 2022, arXiv:2201.12329; from Deformable DETR), the defaults of its public c
 - loss weights: class 1, L1 5, GIoU 2, the same for every decoder layer: each auxiliary output is
   matched on its own and adds its weighted losses (DETR's auxiliary decoding losses).
 
+With query selection the chosen encoder proposals are one more auxiliary layer (RT-DETR's encoder
+loss). A model with ``dense_loss_weight`` > 0 (:mod:`edgekd.models.detr`; ours, after Co-DETR's
+one-to-many auxiliary heads) adds that weight times the same weighted class / L1 / GIoU terms over
+every token's proposal, assigned one-to-many by FCOS's centre sampling (:meth:`SetCriterion.dense_losses`).
+
 The number of objects is summed over the batch (and over processes under torch.distributed, then
 divided by the world size, as DETR), at least 1, so images without objects are valid targets.
 
@@ -37,6 +42,7 @@ from edgekd.detection.boxes import cxcywh_to_xyxy, generalized_box_iou
 
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
+CENTRE_RADIUS = 1.5  # FCOS's center_sampling_radius, in cells
 
 Targets = list[dict[str, torch.Tensor]]
 Matches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -157,6 +163,57 @@ class SetCriterion:
             world = torch.distributed.get_world_size()
         return max(count.item() / world, 1.0)
 
+    def dense_losses(self, dense: dict[str, Any], targets: Targets) -> dict[str, torch.Tensor]:
+        """Unweighted ``{"class", "bbox", "giou"}`` of every token's proposal, one-to-many.
+
+        A token is a positive of an object when its cell centre lies inside the object's box and
+        within :data:`CENTRE_RADIUS` cells of its centre, or when its cell holds the centre (FCOS's
+        centre sampling, Tian et al., ICCV 2019; an object smaller than a cell keeps one positive);
+        a token claimed by several objects takes the smallest. Focal classification over all tokens,
+        L1 and ``1 - GIoU`` over the positives, each divided by the number of positives.
+        """
+        logits, boxes, (rows, cols) = dense["logits"], dense["boxes"], dense["grid"]
+        centres = dense["anchors"][0, :, :2]  # (T, 2)
+        onehot = torch.zeros_like(logits)
+        predicted, assigned = [], []
+        for image, target in enumerate(targets):
+            if len(target["labels"]) == 0:
+                continue
+            gt = target["boxes"].to(centres)  # (n, 4) cxcywh
+            offset = (centres[:, None, :] - gt[None, :, :2]).abs()  # (T, n, 2)
+            inside = (offset < gt[None, :, 2:] / 2).all(-1)
+            near = (offset < CENTRE_RADIUS * centres.new_tensor([1.0 / cols, 1.0 / rows])).all(-1)
+            cell = torch.stack(
+                (
+                    (gt[:, 0] * cols).long().clamp(0, cols - 1),
+                    (gt[:, 1] * rows).long().clamp(0, rows - 1),
+                ),
+                -1,
+            )  # (n, 2): the column and row holding each centre
+            holds = torch.zeros_like(inside)
+            holds[cell[:, 1] * cols + cell[:, 0], torch.arange(len(gt))] = True
+            positive = (inside & near) | holds
+            area = (gt[:, 2] * gt[:, 3])[None, :].expand_as(positive)
+            area = torch.where(positive, area, torch.full_like(area, float("inf")))
+            best_area, best = area.min(-1)
+            tokens = torch.nonzero(torch.isfinite(best_area)).squeeze(-1)
+            objects = best[tokens]
+            onehot[image, tokens, target["labels"].to(tokens.device)[objects]] = 1.0
+            predicted.append(boxes[image, tokens])
+            assigned.append(gt[objects])
+        count = float(max(sum(len(b) for b in predicted), 1))
+        class_loss = sigmoid_focal_loss(logits, onehot, count, self.alpha, self.gamma)
+        if not predicted:
+            zero = boxes.sum() * 0.0
+            return {"class": class_loss, "bbox": zero, "giou": zero}
+        predicted_boxes, target_boxes = torch.cat(predicted), torch.cat(assigned)
+        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(predicted_boxes), cxcywh_to_xyxy(target_boxes)))
+        return {
+            "class": class_loss,
+            "bbox": F.l1_loss(predicted_boxes, target_boxes, reduction="sum") / count,
+            "giou": (1 - giou).sum() / count,
+        }
+
     def __call__(self, outputs: dict[str, Any], targets: Targets) -> dict[str, torch.Tensor]:
         logits, boxes = outputs["logits"], outputs["boxes"]
         if len(targets) != logits.shape[0]:
@@ -173,4 +230,8 @@ class SetCriterion:
             total = total + sum(self.weights[name] * value for name, value in terms.items())
             if index == 0:
                 last = terms
+        dense_weight = outputs.get("dense", {}).get("weight", 0.0)
+        if self.aux and dense_weight > 0:
+            terms = self.dense_losses(outputs["dense"], targets)
+            total = total + dense_weight * sum(self.weights[key] * value for key, value in terms.items())
         return {"loss": total, **{name: value.detach() for name, value in last.items()}}

@@ -22,16 +22,16 @@ Registered methods (:data:`DETECTION_METHODS`, :func:`build_detection_method`):
   Distillation for DETRs", WACV 2026, arXiv:2502.10683).
 
 Teacher cache (what can be cached, measured for the registered sizes): the teacher's memory is
-``H/32 × W/32`` tokens of ``d_model`` floats per image (:func:`teacher_memory_bytes`). At 128 px that
-is 16 tokens: 16 × 128 × 4 B = **8 KiB per image** for ``edgekd:detr-r18`` (the teacher; 4 KiB for
-``edgekd:detr-mnv3``), i.e. 16 MiB for 2,000 scenes in float32 (8 MiB in float16). It **can be
+``H/16 × W/16`` tokens of ``d_model`` floats per image (:func:`teacher_memory_bytes`). At 128 px that
+is 64 tokens: 64 × 128 × 4 B = **32 KiB per image** for the teachers (``d_model`` 128; 16 KiB for
+``edgekd:detr-mnv3``), i.e. 64 MiB for 2,000 scenes in float32 (32 MiB in float16). It **can be
 cached**: the images are fixed (no augmentation in the detection data), the teacher is frozen, and
 :meth:`DetectionMethod.loss` takes ``teacher_memory`` so a cache replaces the teacher's backbone and
 encoder (most of its cost). The teacher's decoder still runs live on the cached memory because
 CLoCKDistill's and KD-DETR's queries are built per batch (KD-DETR samples random ones each step); its
 predictions for the ground-truth queries alone would also be cacheable (n objects × (C + 4) floats),
-but the decoder is cheap next to the backbone, so we keep it live. At 640 px the memory is 400 tokens,
-200 KiB per image (23 GiB for COCO's 118k training images): then it is no longer worth caching in RAM
+but the decoder is cheap next to the backbone, so we keep it live. At 640 px the memory is 1,600 tokens,
+800 KiB per image (92 GiB for COCO's 118k training images): then it is no longer worth caching in RAM
 and the teacher runs live (or the cache is memory-mapped on disk).
 """
 
@@ -79,12 +79,17 @@ class LogitWeights(DetectionOptions):
 
 
 def teacher_memory_bytes(
-    model: str | int, image_size: int, stride: int = 32, bytes_per_float: int = 4
+    model: str | int, image_size: int, stride: int | None = None, bytes_per_float: int = 4
 ) -> int:
     """Bytes of one image's encoder memory: ``ceil(S / stride)² × d_model × bytes_per_float``.
 
-    ``model`` is a registered size (e.g. ``"edgekd:detr-r18"``) or a ``d_model``.
+    ``model`` is a registered size (e.g. ``"edgekd:detr-r18"``; its ``feature_stride`` unless
+    ``stride`` is given) or a ``d_model`` (then ``stride`` is needed).
     """
+    if stride is None:
+        if not isinstance(model, str):
+            raise ValueError("give the stride of a model given by its d_model")
+        stride = int(SIZES[model]["feature_stride"])
     d_model = int(SIZES[model]["d_model"]) if isinstance(model, str) else int(model)
     cells = math.ceil(image_size / stride) ** 2
     return cells * d_model * bytes_per_float
@@ -207,12 +212,6 @@ def layerwise_distillation(
     )
 
 
-def _layer_dicts(layers: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    last = layers[-1]
-    aux = [{"logits": out["logits"], "boxes": out["boxes"]} for out in layers[:-1]]
-    return {"logits": last["logits"], "boxes": last["boxes"], "aux": aux}
-
-
 # -------------------------------------------------------------------------------------------- base
 
 
@@ -239,7 +238,7 @@ class DetectionMethod(nn.Module):
             if model is not None and getattr(model, "task", None) != TASK:
                 raise ModelError(
                     f"detection method {self.name!r}: the {role} is not a detection model (a DETR with "
-                    f"encode/decode); choose edgekd:detr-r18 or edgekd:detr-mnv3"
+                    f"encode/decode); choose edgekd:detr-mnv3l, edgekd:detr-r18 or edgekd:detr-mnv3"
                 )
         self.options = options
         self.num_classes = num_classes
@@ -263,9 +262,8 @@ class DetectionMethod(nn.Module):
 
         ``teacher_memory`` (B, HW, d_teacher), from a cache, replaces the teacher's encoder pass.
         """
-        s_memory, s_pos = student.encode(images)
-        s_layers = student.decode(s_memory, s_pos)
-        set_loss = self.criterion(_layer_dicts(s_layers), targets)["loss"]
+        s_memory, s_pos, s_grid = student.encode(images)
+        set_loss = self.criterion(student.predict(s_memory, s_pos, s_grid), targets)["loss"]
         zero = set_loss.new_zeros(())
         terms = {"memory": zero, "logit": zero}
         if self.needs_teacher:
@@ -274,11 +272,11 @@ class DetectionMethod(nn.Module):
             teacher.eval()
             with torch.no_grad():
                 if teacher_memory is None:
-                    t_memory, t_pos = teacher.encode(images)
+                    t_memory, t_pos, t_grid = teacher.encode(images)
                 else:
                     t_memory = teacher_memory.to(s_memory)
-                    rows, cols = grid_shape(t_memory.shape[1], tuple(images.shape[-2:]))
-                    t_pos = image_positions(rows, cols, teacher.d_model, t_memory.device).unsqueeze(0)
+                    t_grid = grid_shape(t_memory.shape[1], tuple(images.shape[-2:]))
+                    t_pos = image_positions(*t_grid, teacher.d_model, t_memory.device).unsqueeze(0)
             context = {
                 "images": images,
                 "targets": targets,
@@ -286,8 +284,10 @@ class DetectionMethod(nn.Module):
                 "teacher": teacher,
                 "s_memory": s_memory,
                 "s_pos": s_pos,
+                "s_grid": s_grid,
                 "t_memory": t_memory.detach(),
                 "t_pos": t_pos,
+                "t_grid": t_grid,
             }
             terms.update(self.distill(context))
         total = set_loss + terms["memory"] + terms["logit"]
@@ -299,11 +299,7 @@ class DetectionMethod(nn.Module):
         raise NotImplementedError
 
     def _grids(self, context: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
-        image_hw = tuple(context["images"].shape[-2:])
-        return (
-            grid_shape(context["s_memory"].shape[1], image_hw),
-            grid_shape(context["t_memory"].shape[1], image_hw),
-        )
+        return context["s_grid"], context["t_grid"]
 
 
 class MemoryAdapter(nn.Linear):
@@ -395,7 +391,8 @@ class KDDETR(DetectionMethod):
 
     Distillation points (queries) are fed to both decoders, each over its own memory, so their
     predictions correspond one to one without matching. KD-DETR's general-to-specific sampling:
-    *specific* points are the teacher's own learned anchor boxes (its object queries), *general* points
+    *specific* points are the teacher's own object queries' anchor boxes (learned, or its selected
+    proposals for this image, :meth:`edgekd.models.detr.DETR.query_anchors`), *general* points
     ``random_queries`` boxes drawn uniformly each step (centres in (0, 1), sides in [0.05, 0.5]); the
     content part of every point is zero, DAB-DETR's query content. Loss per point:
     ``w · (KL_cls + 5 · L1 + 2 · (1 - GIoU))`` for every student decoder layer against the teacher's
@@ -418,7 +415,8 @@ class KDDETR(DetectionMethod):
         student, teacher = context["student"], context["teacher"]
         batch = context["s_memory"].shape[0]
         device = context["s_memory"].device
-        specific = teacher.anchors.detach().sigmoid().unsqueeze(0).expand(batch, -1, -1)
+        with torch.no_grad():
+            specific = teacher.query_anchors(context["t_memory"], context["t_grid"])
         count = self.options.random_queries
         centres = torch.rand(batch, count, 2, device=device)
         sides = 0.05 + 0.45 * torch.rand(batch, count, 2, device=device)
