@@ -83,7 +83,7 @@ def test_detection_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path):
 
 def test_shipped_detection_recipe_is_the_cli_defaults():
     shipped = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "detection.yaml")
-    cli = load_recipe(None, ["data.name=scenes", "name=scenes", "target=x86-ort", "data.scenes=2000"])
+    cli = load_recipe(None, ["data.name=scenes", "name=scenes", "target=x86-ort", "data.scenes=4000"])
     assert shipped == cli
 
 

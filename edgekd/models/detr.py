@@ -65,35 +65,25 @@ from edgekd.errors import ModelError
 
 TASK = "detection"
 
+# What the teacher sizes share: they differ in the backbone only.
+_TEACHER_LAYOUT: dict[str, Any] = {
+    "d_model": 128,
+    "heads": 8,
+    "encoder_layers": 3,
+    "decoder_layers": 3,
+    "ffn_dim": 512,
+    "num_queries": 30,
+    "feature_stride": 16,
+    "query_selection": True,
+    "dense_loss_weight": 1.0,
+}
 #: The registered sizes: teachers (wider, 3+3 layers) on a MobileNetV3-large backbone (the default: it
 #: trains at lr 1e-3 from random weights on a CPU) or a ResNet-18 one (for ImageNet weights, or a GPU),
 #: and the student (MobileNetV3-small, narrow, 1+2 layers). Any field can be overridden by a factory
 #: keyword (``teacher.kwargs``).
 SIZES: dict[str, dict[str, Any]] = {
-    "edgekd:detr-mnv3l": {
-        "backbone": "mobilenetv3_large_100",
-        "d_model": 128,
-        "heads": 8,
-        "encoder_layers": 3,
-        "decoder_layers": 3,
-        "ffn_dim": 512,
-        "num_queries": 30,
-        "feature_stride": 16,
-        "query_selection": True,
-        "dense_loss_weight": 1.0,
-    },
-    "edgekd:detr-r18": {
-        "backbone": "resnet18",
-        "d_model": 128,
-        "heads": 8,
-        "encoder_layers": 3,
-        "decoder_layers": 3,
-        "ffn_dim": 512,
-        "num_queries": 30,
-        "feature_stride": 16,
-        "query_selection": True,
-        "dense_loss_weight": 1.0,
-    },
+    "edgekd:detr-mnv3l": {"backbone": "mobilenetv3_large_100", **_TEACHER_LAYOUT},
+    "edgekd:detr-r18": {"backbone": "resnet18", **_TEACHER_LAYOUT},
     "edgekd:detr-mnv3": {
         "backbone": "mobilenetv3_small_100",
         "d_model": 64,
