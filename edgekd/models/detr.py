@@ -126,13 +126,19 @@ def sine_encoding(coords: torch.Tensor, dim_per_coord: int, temperature: float) 
     return encoded.flatten(-3)
 
 
-def image_positions(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
-    """The (H*W, dim) sine encoding of a feature map's cell centres (x then y, normalised to (0, 1))."""
-    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
-    xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
+def cell_centres(
+    height: int, width: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The (H*W, 2) centres (x, y) of a feature map's cells, normalised to (0, 1), row by row."""
+    ys = (torch.arange(height, dtype=dtype, device=device) + 0.5) / height
+    xs = (torch.arange(width, dtype=dtype, device=device) + 0.5) / width
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    points = torch.stack((grid_x, grid_y), dim=-1).reshape(height * width, 2)
-    return sine_encoding(points, dim // 2, IMAGE_TEMPERATURE)
+    return torch.stack((grid_x, grid_y), dim=-1).reshape(height * width, 2)
+
+
+def image_positions(height: int, width: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """The (H*W, dim) sine encoding of a feature map's cell centres (:func:`cell_centres`)."""
+    return sine_encoding(cell_centres(height, width, device), dim // 2, IMAGE_TEMPERATURE)
 
 
 class MLP(nn.Module):
@@ -364,11 +370,7 @@ class DETR(nn.Module):
 
     def token_anchors(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """(1, h*w, 4) boxes (cx, cy, w, h): each feature cell's centre, side ``0.05 · stride / 8``."""
-        height, width = grid
-        ys = (torch.arange(height, dtype=like.dtype, device=like.device) + 0.5) / height
-        xs = (torch.arange(width, dtype=like.dtype, device=like.device) + 0.5) / width
-        grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-        centres = torch.stack((grid_x, grid_y), dim=-1).reshape(1, height * width, 2)
+        centres = cell_centres(*grid, like.device, like.dtype).unsqueeze(0)
         return torch.cat((centres, torch.full_like(centres, PROPOSAL_SIDE * self.stride / 8)), dim=-1)
 
     def proposals(self, memory: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
