@@ -72,29 +72,40 @@ def train_teacher(frames: int, epochs: int, runs_dir: Path) -> dict:
     }
 
 
-def ship(trained: dict) -> Path:
-    """Write the teacher's state dict as safetensors and its provenance JSON into edgekd/teachers/."""
+def ship(
+    trained: dict,
+    shipped: Path = SHIPPED,
+    trained_by: str = "benchmarks/default_teacher.py",
+    score: dict | None = None,
+    half: bool = False,
+) -> Path:
+    """Write the teacher's state dict as safetensors (float16 with ``half``: a shipped file half the
+    size; loading casts it back to the model's float32) and its provenance JSON into edgekd/teachers/.
+    ``score`` is the teacher's own held-out score (default: the classification accuracy)."""
     state = torch.load(trained["file"], weights_only=True)["state_dict"]
-    SHIPPED.parent.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {key: value.contiguous() for key, value in state.items()}, str(SHIPPED.with_suffix(".safetensors"))
-    )
+    shipped.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        key: (value.half() if half and value.is_floating_point() else value).contiguous()
+        for key, value in state.items()
+    }
+    save_file(tensors, str(shipped.with_suffix(".safetensors")))
     history = trained["outputs"]["history"]
     atomic.write_json(
-        SHIPPED.with_suffix(".json"),
+        shipped.with_suffix(".json"),
         {
             "model": trained["outputs"]["model"],
-            "trained_by": "benchmarks/default_teacher.py (edgekd's teacher stage, labels only)",
+            "trained_by": f"{trained_by} (edgekd's teacher stage, labels only)",
             "data": trained["recipe"]["data"],
             "data_seed": TEACHER_DATA_SEED,
             "train": trained["recipe"]["teacher"]["train"],
-            "own_held_out_accuracy": trained["outputs"]["val_accuracy"],
+            **(score or {"own_held_out_accuracy": trained["outputs"]["val_accuracy"]}),
+            "weights_dtype": "float16" if half else "float32",
             "epochs_run": len(history),
             "wall_s": trained["wall_s"],
             "environment": environment(),
         },
     )
-    return SHIPPED.with_suffix(".safetensors")
+    return shipped.with_suffix(".safetensors")
 
 
 def measure(seed: int, runs_dir: Path) -> dict:

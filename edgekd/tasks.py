@@ -35,9 +35,11 @@ DETECTION_DEFAULTS: dict[str, Any] = {
     "distill.method": "clockdistill",
     "data.image_size": 128,
 }
-# Sized for `edgekd compress --data scenes` (3,000 train scenes: 188 steps an epoch) to fit its 15 minutes
-# on two CPU cores, most of it for the teacher: with 1,500 scenes and 10 + 16 epochs (12.2 min end to end)
-# the student (mAP@.5 0.084) passed its teacher (0.028); more scenes is what helps most (below).
+# The teacher's training settings apply where a teacher is trained here: the user's coco / yolo data,
+# another teacher.model, or teacher.checkpoint null. On the built-in scenes edgekd ships its teacher
+# (builtin:detr-mnv3l-scenes, benchmarks/detection_teacher.py: 14 epochs on 4,750 other scenes), because
+# one trained inside a 15-minute default run on two CPU cores is no stronger than its student
+# (benchmarks/results/detr_kd.json before it: teacher 6 epochs 1.5 mAP, student alone 5.6).
 # The lr is ours: DAB-DETR's 1e-4 is for an ImageNet backbone; from random weights
 # 1e-3 trains both sizes far faster (measured on the built-in scenes, one seed each, held-out mAP@.5:
 # edgekd:detr-mnv3 alone after 30 epochs on 900 scenes 0.068 at 1e-3 vs 0.012 at 5e-4 after 15;

@@ -83,5 +83,6 @@ def test_the_shipped_teacher_is_the_default_only_for_its_own_task():
     explicit = load_recipe(None, ["data.name=digits", "teacher.checkpoint=builtin:clst-radio-synthetic"])
     with pytest.raises(RecipeError, match=r"shipped teacher for data.name=radio-synthetic, not digits"):
         check_builtin_teacher(explicit)
-    with pytest.raises(RecipeError, match=r"no shipped teacher 'nope'; shipped: clst-radio-synthetic"):
+    shipped_names = r"clst-radio-synthetic, detr-mnv3l-scenes"
+    with pytest.raises(RecipeError, match=rf"no shipped teacher 'nope'; shipped: {shipped_names}"):
         load_recipe(None, ["teacher.checkpoint=builtin:nope"])
