@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgekd import teachers
 from edgekd.data import build_dataset
 from edgekd.detection.data import DetectionDataset
 from edgekd.detection.synthetic import CLASSES, write_split
@@ -23,6 +24,7 @@ from edgekd.tasks import TASKS, check_recipe, task_of
 
 EDGEKD = [sys.executable, "-c", "from edgekd.cli import main; main()"]
 SIDE = 64  # small images keep every DETR here fast
+MIN_SHIPPED_TEACHER_MAP50 = 0.08  # half of its 0.163 on these 64 scenes (seed 7); random weights: 0.0
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -71,7 +73,13 @@ def test_detection_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path):
     assert (recipe.teacher.model, recipe.student.model) == ("edgekd:detr-mnv3l", "edgekd:detr-mnv3")
     assert recipe.distill.method == "clockdistill"
     assert recipe.data.image_size == 128
-    assert recipe.teacher.checkpoint is None  # the shipped radio teacher does not stand for scenes
+    # the shipped radio teacher does not stand for scenes; the shipped DETR teacher does
+    assert recipe.teacher.checkpoint == teachers.weights("detr-mnv3l-scenes")
+    for other in (
+        ["data.name=coco", "data.path=x.json"],
+        ["data.name=scenes", "teacher.model=edgekd:detr-r18"],
+    ):
+        assert load_recipe(None, other).teacher.checkpoint is None, other  # trained here
     for train in (recipe.teacher.train, recipe.distill.train):
         assert (train.batch_size, train.lr, train.weight_decay) == (16, 1e-3, 1e-4)
     chosen = load_recipe(None, ["data.name=scenes", "distill.method=none", "teacher.train.epochs=3"])
@@ -79,6 +87,28 @@ def test_detection_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path):
     assert (chosen.teacher.train.epochs, chosen.teacher.train.lr) == (3, 1e-3)
     again = Recipe.model_validate(recipe.model_dump(mode="json"))  # report.json's recipe round-trips
     assert again == recipe
+
+
+def test_the_shipped_detr_teacher_detects_scenes_it_never_saw(tmp_path):
+    """builtin:detr-mnv3l-scenes (float16 on disk) loads into the float32 teacher and finds the objects of
+    scenes from another seed than it was trained on (benchmarks/detection_teacher.py)."""
+    from safetensors.torch import load_file
+
+    from edgekd.detection.synthetic import load_synthetic
+    from edgekd.detection.train import evaluate_model
+    from edgekd.models import build_model
+    from edgekd.models.checkpoint import load_weights
+
+    shipped = teachers.weights("detr-mnv3l-scenes")
+    provenance = json.loads(shipped.with_suffix(".json").read_text())
+    assert provenance["model"] == "edgekd:detr-mnv3l" and provenance["weights_dtype"] == "float16"
+    assert {tensor.dtype for tensor in load_file(shipped).values()} >= {torch.float16}
+    _, held_out = load_synthetic(tmp_path, seed=7, train=1, val=64)
+    model = build_model("edgekd:detr-mnv3l", len(CLASSES), 3, kwargs={"task": "detection"})
+    load_weights(model, shipped, "edgekd:detr-mnv3l")
+    assert next(model.parameters()).dtype == torch.float32
+    scores = evaluate_model(model, held_out)
+    assert scores.map50 > MIN_SHIPPED_TEACHER_MAP50, scores
 
 
 def test_shipped_detection_recipe_is_the_cli_defaults():
@@ -305,6 +335,42 @@ def test_load_student_rebuilds_a_detr(tmp_path):
         assert torch.equal(rebuilt(images)["boxes"], student.eval()(images)["boxes"])
 
 
+def test_teacher_memory_cache_trains_as_the_live_teacher_with_one_encoder_pass_per_image(tmp_path):
+    """With the cache the teacher's encoder runs once per image before training (not every step), and
+    the losses and the trained student are those of the live teacher (float tolerance)."""
+    from edgekd.detection.distill import build_detection_method
+    from edgekd.detection.train import build_detector, train_detector
+    from edgekd.recipe import TrainSpec
+
+    train, val, meta = _tiny_scenes(tmp_path)
+    torch.manual_seed(1)
+    teacher = build_detector("edgekd:detr-mnv3l", meta, "teacher")
+    encodes = []
+    teacher.encode = lambda images, live=teacher.encode: encodes.append(len(images)) or live(images)
+
+    def run(cache: bool):
+        encodes.clear()
+        torch.manual_seed(0)
+        student = build_detector("edgekd:detr-mnv3", meta, "student")
+        method = build_detection_method("clockdistill", student, teacher, len(meta.classes))
+        spec = TrainSpec(epochs=2, batch_size=4, lr=1e-4)
+        result = train_detector(
+            student, method, train, val, spec, 0, tmp_path / str(cache), "fp",
+            teacher=teacher, log=lambda m: None, cache_teacher=cache,
+        )  # fmt: skip
+        return result.history, student.state_dict(), list(encodes)
+
+    live, live_weights, live_encodes = run(False)
+    cached, cached_weights, cached_encodes = run(True)
+    steps = [min(4, len(train) - first) for first in range(0, len(train), 4)]
+    assert live_encodes == steps * 2 and cached_encodes == [len(train)]  # every step of 2 epochs vs once
+    for a, b in zip(live, cached, strict=True):
+        for key in ("train_loss", "set_loss", "memory_loss", "logit_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    for name, tensor in live_weights.items():
+        torch.testing.assert_close(cached_weights[name], tensor, rtol=1e-4, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -314,7 +380,13 @@ def test_compress_scenes_through_distill(tmp_path):
     from edgekd.api import compress
     from edgekd.stages.model_import import load_student
 
-    recipe = scenes_recipe(tmp_path, "data.scenes=24", "teacher.train.epochs=1", "distill.train.epochs=2")
+    recipe = scenes_recipe(
+        tmp_path,
+        "data.scenes=24",
+        "teacher.checkpoint=null",
+        "teacher.train.epochs=1",
+        "distill.train.epochs=2",
+    )
     results = compress(recipe, until="distill", log=lambda m: None)
     teacher, distill = results["teacher"], results["distill"]
     assert teacher["model"] == "edgekd:detr-mnv3l" and teacher["origin"] == "trained here on the set loss"

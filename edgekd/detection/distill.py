@@ -21,18 +21,20 @@ Registered methods (:data:`DETECTION_METHODS`, :func:`build_detection_method`):
   CLoCKDistill (Lan and Tian, "CLoCKDistill: Consistent Location-and-Context-aware Knowledge
   Distillation for DETRs", WACV 2026, arXiv:2502.10683).
 
-Teacher cache (what can be cached, measured for the registered sizes): the teacher's memory is
+Teacher cache (what is cached, measured for the registered sizes): the teacher's memory is
 ``H/16 × W/16`` tokens of ``d_model`` floats per image (:func:`teacher_memory_bytes`). At 128 px that
 is 64 tokens: 64 × 128 × 4 B = **32 KiB per image** for the teachers (``d_model`` 128; 16 KiB for
-``edgekd:detr-mnv3``), i.e. 64 MiB for 2,000 scenes in float32 (32 MiB in float16). It **can be
-cached**: the images are fixed (no augmentation in the detection data), the teacher is frozen, and
-:meth:`DetectionMethod.loss` takes ``teacher_memory`` so a cache replaces the teacher's backbone and
-encoder (most of its cost). The teacher's decoder still runs live on the cached memory because
-CLoCKDistill's and KD-DETR's queries are built per batch (KD-DETR samples random ones each step); its
-predictions for the ground-truth queries alone would also be cacheable (n objects × (C + 4) floats),
-but the decoder is cheap next to the backbone, so we keep it live. At 640 px the memory is 1,600 tokens,
-800 KiB per image (92 GiB for COCO's 118k training images): then it is no longer worth caching in RAM
-and the teacher runs live (or the cache is memory-mapped on disk).
+``edgekd:detr-mnv3``), i.e. 94 MiB for the default run's 3,000 training scenes in float32. It is
+cached: the images are fixed (no augmentation in the detection data) and the teacher is frozen, so
+:func:`edgekd.detection.train.train_detector` computes every training image's memory once
+(``distill.teacher_cache``, on by default; up to 2 GiB) and :meth:`DetectionMethod.loss` takes it as
+``teacher_memory`` in place of the teacher's backbone and encoder (most of its cost;
+benchmarks/detr_teacher_cache.py measures the epoch time both ways). The teacher's decoder still runs
+live on the cached memory because CLoCKDistill's and KD-DETR's queries are built per batch (KD-DETR
+samples random ones each step); its predictions for the ground-truth queries alone would also be
+cacheable (n objects × (C + 4) floats), but the decoder is cheap next to the backbone. At 640 px the
+memory is 1,600 tokens, 800 KiB per image (92 GiB for COCO's 118k training images): over the limit,
+the teacher runs live (a cache memory-mapped on disk would be the next step).
 """
 
 from __future__ import annotations

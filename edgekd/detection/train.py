@@ -45,6 +45,8 @@ LATEST = "latest.pt"
 GRAD_CLIP = 0.1  # DAB-DETR's --clip_max_norm
 LR_DROP_AT = 0.8  # share of the epochs after which the lr drops tenfold (DAB-DETR: 40 of 50)
 EVAL_BATCH = 64
+#: Largest teacher-memory cache kept in RAM (float32); a larger one runs the teacher live every step.
+MEMORY_CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 def build_detector(
@@ -110,6 +112,42 @@ def evaluate_model(model: nn.Module, data: DetectionDataset, batch_size: int = E
     return evaluate_dataset(data, detections)
 
 
+@torch.inference_mode()
+def teacher_memories(
+    teacher: nn.Module, data: DetectionDataset, device: torch.device, batch_size: int = EVAL_BATCH
+) -> torch.Tensor:
+    """The frozen teacher's encoder memory of every image of ``data``, (N, HW, d) float32 on ``device``:
+    the cache that replaces its backbone and encoder during distillation (the images are fixed: no
+    detection augmentation), as :mod:`edgekd.detection.distill`'s docstring measures."""
+    teacher.eval()
+    parts = [
+        teacher.encode(torch.from_numpy(data.images[first : first + batch_size]).to(device))[0].float()
+        for first in range(0, len(data), batch_size)
+    ]
+    return torch.cat(parts)
+
+
+def _memory_cache(
+    teacher: nn.Module | None, data: DetectionDataset, device: torch.device, log: Callable[[str], None]
+) -> torch.Tensor | None:
+    """The teacher-memory cache of ``data``, or None where there is no teacher or it would not fit."""
+    if teacher is None:
+        return None
+    height, width = data.images.shape[-2:]
+    tokens = math.ceil(height / teacher.stride) * math.ceil(width / teacher.stride)
+    size = len(data) * tokens * teacher.d_model * 4  # float32
+    if size > MEMORY_CACHE_LIMIT_BYTES:
+        log(
+            f"  teacher memory of {len(data)} images is {size / 1024**3:.1f} GiB, over the "
+            f"{MEMORY_CACHE_LIMIT_BYTES / 1024**3:.0f} GiB cache limit: the teacher runs every step"
+        )
+        return None
+    start = time.perf_counter()
+    cache = teacher_memories(teacher, data, device)
+    log(f"  teacher memory cached: {size / 1024**2:.0f} MiB in {time.perf_counter() - start:.1f} s")
+    return cache
+
+
 def _score(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 5)
 
@@ -129,12 +167,15 @@ def train_detector(
     stage: str = "train",
     lr_field: str = "train.lr",
     device: torch.device | str | None = None,
+    cache_teacher: bool = True,
 ) -> DetectionTrainResult:
     """Train ``model`` by ``method`` for ``spec.epochs`` epochs, resuming from ``stage_dir/latest.pt``.
 
-    ``teacher`` (frozen, eval mode) is what the method distils from (None for ``none``). ``stage``
-    and ``lr_field`` name what to lower when training diverges. ``device`` (default: the CPU) is where
-    training runs; the model comes back on the CPU.
+    ``teacher`` (frozen, eval mode) is what the method distils from (None for ``none``). With
+    ``cache_teacher`` its encoder memory of every training image is computed once
+    (:func:`teacher_memories`, up to :data:`MEMORY_CACHE_LIMIT_BYTES`) and only its decoder runs per
+    step. ``stage`` and ``lr_field`` name what to lower when training diverges. ``device`` (default:
+    the CPU) is where training runs; the model comes back on the CPU.
     """
     device = torch.device(device or "cpu")
     model.to(device)
@@ -148,6 +189,8 @@ def train_detector(
     result = DetectionTrainResult()
     parts = {"model": model, "method": method, "optimizer": optimizer}
     first_epoch = resume_latest(stage_dir / LATEST, fingerprint, parts, result, log)
+    remaining = first_epoch < spec.epochs
+    cache = _memory_cache(teacher, train_set, device, log) if cache_teacher and remaining else None
     with progress() as bar:
         task = bar.add_task(label, total=spec.epochs, completed=first_epoch, status="")
         for epoch in range(first_epoch, spec.epochs):
@@ -163,7 +206,8 @@ def train_detector(
             for first in range(0, len(order), spec.batch_size):
                 index = order[first : first + spec.batch_size]
                 images = torch.from_numpy(train_set.images[index]).to(device)
-                terms = method.loss(images, targets_of(train_set, index, device), model, teacher)
+                memory = None if cache is None else cache[torch.from_numpy(index).to(device)]
+                terms = method.loss(images, targets_of(train_set, index, device), model, teacher, memory)
                 optimizer.zero_grad(set_to_none=True)
                 terms["loss"].backward()
                 torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)

@@ -93,6 +93,7 @@ def _detection_run(ctx: RunContext, stage_dir: Path) -> dict[str, Any]:
         stage="distill",
         lr_field="distill.train.lr",
         device=device,
+        cache_teacher=spec.teacher_cache,
     )
     save_checkpoint(
         stage_dir / MODEL_FILE,
