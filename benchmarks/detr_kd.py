@@ -1,11 +1,14 @@
 """DETR distillation on the built-in detection scenes: teacher, student alone, every detection method.
 
-Per seed: the synthetic set (edgekd.detection.synthetic; default 1,500 train / 300 val scenes at
-128 px) is written once; the teacher (``edgekd:detr-mnv3l``) is trained on DETR's set loss; then the
-student (``edgekd:detr-mnv3``) is trained from the same initialisation (same seed) by each method of
-edgekd.detection.distill: ``none`` (the student alone), ``memory-mse``, ``kd-detr``, ``clockdistill``.
-Every model is scored on the held-out scenes with COCO mAP@[.5:.95] and mAP@.5
-(edgekd.detection.metrics: top-100 sigmoid detections per image); wall time per training run.
+The teacher is edgekd's shipped ``builtin:detr-mnv3l-scenes`` (``edgekd:detr-mnv3l`` trained by
+benchmarks/detection_teacher.py on 4,750 other scenes for 14 epochs), as in the default detection run;
+``--teacher-checkpoint none`` trains one per seed here instead (``--teacher-epochs``). Per seed: the
+synthetic set (edgekd.detection.synthetic; default 3,000 train / 1,000 held-out scenes at 128 px, the
+default run's) is written once; the student (``edgekd:detr-mnv3``) is trained from the same
+initialisation (same seed) by each method of edgekd.detection.distill: ``none`` (the student alone),
+``memory-mse``, ``kd-detr``, ``clockdistill``, for the default run's 7 epochs. Every model is scored on
+the held-out scenes with COCO mAP@[.5:.95] and mAP@.5 (edgekd.detection.metrics: top-100 sigmoid
+detections per image); wall time per training run.
 
 Training loop (one for all, so the methods differ only in their loss): AdamW, weight decay 1e-4,
 gradient clipping at norm 0.1, lr dropped ×0.1 for the last fifth of the epochs: DAB-DETR's
@@ -16,7 +19,7 @@ every parameter trains far faster (edgekd.tasks.DETECTION_TRAIN says what was me
 ``--lr-backbone`` to change it). Batch 16 (DAB-DETR: 16 over 8 GPUs). The method's own
 parameters (adapters) train with the transformer's lr.
 
-    python benchmarks/detr_kd.py [--seeds 0 1 2] [--methods none clockdistill] [--epochs 30]
+    python benchmarks/detr_kd.py [--seeds 0 1 2] [--methods none clockdistill] [--epochs 7]
     python benchmarks/detr_kd.py --time-steps 20     # per-epoch time of teacher and student, then exit
 
 Prints a table and writes benchmarks/results/detr_kd.json (``--out`` elsewhere).
@@ -35,19 +38,21 @@ import numpy as np
 import torch
 from rich.table import Table
 
-from edgekd import atomic
+from edgekd import atomic, teachers
 from edgekd.console import console
 from edgekd.detection.data import DetectionDataset
 from edgekd.detection.distill import DETECTION_METHODS, DetectionMethod, build_detection_method
 from edgekd.detection.metrics import evaluate_dataset, postprocess
 from edgekd.detection.synthetic import load_synthetic
 from edgekd.models import build_model
+from edgekd.models.checkpoint import load_weights
 from edgekd.models.detr import DETR
 from edgekd.report.build import environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detr_kd.json"
 TEACHER, STUDENT = "edgekd:detr-mnv3l", "edgekd:detr-mnv3"
 METHODS = ["none", "memory-mse", "kd-detr", "clockdistill"]
+SHIPPED_TEACHER = "builtin:detr-mnv3l-scenes"
 
 
 def _model(name: str, classes: int, seed: int) -> DETR:
@@ -118,6 +123,13 @@ def score(model: DETR, data: DetectionDataset, batch: int = 64) -> dict[str, flo
     return {"map": scores.map, "map50": scores.map50}
 
 
+def _checkpoint(given: str) -> Path:
+    """``builtin:NAME`` is the teacher edgekd ships (edgekd/teachers/NAME.safetensors), else a file."""
+    if given.startswith(teachers.PREFIX):
+        return teachers.weights(given.removeprefix(teachers.PREFIX))
+    return Path(given)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -154,11 +166,16 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=DETECTION_METHODS.names())
-    parser.add_argument("--train", type=int, default=1500)
-    parser.add_argument("--val", type=int, default=300)
+    parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--val", type=int, default=1000)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--teacher-epochs", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=30, help="student epochs, every method")
+    parser.add_argument(
+        "--teacher-checkpoint",
+        default=SHIPPED_TEACHER,
+        help="teacher weights (a file or builtin:NAME); none: train one per seed for --teacher-epochs",
+    )
+    parser.add_argument("--teacher-epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=7, help="student epochs, every method")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lr-backbone", type=float, default=1e-3)
@@ -184,15 +201,19 @@ def main() -> None:
             )
             classes = len(train_set.classes)
             teacher = _model(TEACHER, classes, seed)
-            wall = train(
-                teacher,
-                build_detection_method("none", teacher, None, classes),
-                None,
-                train_set,
-                args.teacher_epochs,
-                args,
-                seed,
-            )
+            if args.teacher_checkpoint.lower() == "none":
+                wall = train(
+                    teacher,
+                    build_detection_method("none", teacher, None, classes),
+                    None,
+                    train_set,
+                    args.teacher_epochs,
+                    args,
+                    seed,
+                )
+            else:
+                load_weights(teacher, _checkpoint(args.teacher_checkpoint), TEACHER)
+                wall = 0.0
             runs["teacher"].append({"seed": seed, **score(teacher, val_set), "wall_s": wall})
             console.print(f"seed {seed} teacher: {runs['teacher'][-1]}")
             _write(args, runs, complete=False)
