@@ -40,7 +40,6 @@ from edgekd.recipe import load_recipe
 
 HERE = Path(__file__).resolve().parent
 SHIPPED = HERE.parent / "edgekd" / "teachers" / "detr-mnv3l-scenes"
-BUILTIN = f"builtin:{SHIPPED.name}"
 
 
 def train_teacher(scenes: int, epochs: int, runs_dir: Path, start_from: Path | None = None) -> dict:
