@@ -37,7 +37,7 @@ DETECTION_DEFAULTS: dict[str, Any] = {
 }
 # The teacher's training settings apply where a teacher is trained here: the user's coco / yolo data,
 # another teacher.model, or teacher.checkpoint null. On the built-in scenes edgekd ships its teacher
-# (builtin:detr-mnv3l-scenes, benchmarks/detection_teacher.py: 14 epochs on 4,750 other scenes), because
+# (builtin:detr-mnv3l-scenes, benchmarks/detection_teacher.py: 14 + 12 epochs on 4,750 other scenes), because
 # one trained inside a 15-minute default run on two CPU cores is no stronger than its student
 # (benchmarks/results/detr_kd.json before it: teacher 6 epochs 1.5 mAP, student alone 5.6).
 # The lr is ours: DAB-DETR's 1e-4 is for an ImageNet backbone; from random weights

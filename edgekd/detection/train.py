@@ -35,7 +35,7 @@ from torch import nn
 
 from edgekd.console import progress
 from edgekd.detection.data import DetectionDataset
-from edgekd.detection.distill import DetectionMethod
+from edgekd.detection.distill import DetectionMethod, teacher_memory_bytes
 from edgekd.detection.metrics import DetectionScores, evaluate_dataset, postprocess
 from edgekd.distill.trainer import resume_latest, save_latest
 from edgekd.errors import TrainingError
@@ -133,9 +133,7 @@ def _memory_cache(
     """The teacher-memory cache of ``data``, or None where there is no teacher or it would not fit."""
     if teacher is None:
         return None
-    height, width = data.images.shape[-2:]
-    tokens = math.ceil(height / teacher.stride) * math.ceil(width / teacher.stride)
-    size = len(data) * tokens * teacher.d_model * 4  # float32
+    size = len(data) * teacher_memory_bytes(teacher.d_model, data.image_size, teacher.stride)  # float32
     if size > MEMORY_CACHE_LIMIT_BYTES:
         log(
             f"  teacher memory of {len(data)} images is {size / 1024**3:.1f} GiB, over the "
