@@ -111,9 +111,11 @@ def test_detection_compress_on_ort_and_openvino_then_verify_and_resume(runs: Pat
     ov = _compress(runs, "x86-openvino")
     _check_rows(ov, "openvino", ("FP32", "FP16", "INT8"))
     int8 = next(a for a in ov["artifacts"] if a["precision"] == "int8")
-    nncf = int8["metadata"]["quantization"]
-    assert nncf["model_type"] == "transformer" and nncf["rules"] == "detr"
-    assert {"logits", "boxes"} <= set(nncf["ignored_scope"])  # the heads, by the converted graph's names
+    record = int8["metadata"]["quantization"]  # the QDQ model with the DETR rules, read by OpenVINO: not NNCF
+    assert record["rules"] == "detr" and record["float_groups"]["heads"] > 0
+    assert "reads the QDQ ONNX" in record["converted_by"] and "NNCF" in record["why_not_nncf"]
+    assert record["naive"]["source"] == ov["quantization"]["naive_int8_onnx_file"]
+    assert (runs / "scenes" / record["naive"]["file"]).is_file() and record["kept_in_float"]
     _check_bundle(runs, ov)
 
     pinned = run_cli("bundle", str(runs / "scenes"), "--artifact", "int8")  # re-pin: the report follows
