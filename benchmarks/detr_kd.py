@@ -1,7 +1,7 @@
 """DETR distillation on the built-in detection scenes: teacher, student alone, every detection method.
 
 The teacher is edgekd's shipped ``builtin:detr-mnv3l-scenes`` (``edgekd:detr-mnv3l`` trained by
-benchmarks/detection_teacher.py on 4,750 other scenes for 14 epochs), as in the default detection run;
+benchmarks/detection_teacher.py on 4,750 other scenes for 14 + 12 epochs), as in the default detection run;
 ``--teacher-checkpoint none`` trains one per seed here instead (``--teacher-epochs``). Per seed: the
 synthetic set (edgekd.detection.synthetic; default 3,000 train / 1,000 held-out scenes at 128 px, the
 default run's) is written once; the student (``edgekd:detr-mnv3``) is trained from the same
@@ -10,17 +10,14 @@ initialisation (same seed) by each method of edgekd.detection.distill: ``none`` 
 the held-out scenes with COCO mAP@[.5:.95] and mAP@.5 (edgekd.detection.metrics: top-100 sigmoid
 detections per image); wall time per training run.
 
-Training loop (one for all, so the methods differ only in their loss): AdamW, weight decay 1e-4,
-gradient clipping at norm 0.1, lr dropped ×0.1 for the last fifth of the epochs: DAB-DETR's
-recipe (Liu et al., ICLR 2022: lr 1e-4, backbone lr 1e-5, wd 1e-4, clip 0.1, drop at 40 of 50
-epochs) but for the lr. DAB-DETR's lr (and its tenfold lower backbone lr) is for an
-ImageNet-pretrained backbone; ours start from random weights (no download here), where 1e-3 for
-every parameter trains far faster (edgekd.tasks.DETECTION_TRAIN says what was measured; ``--lr``,
-``--lr-backbone`` to change it). Batch 16 (DAB-DETR: 16 over 8 GPUs). The method's own
-parameters (adapters) train with the transformer's lr.
+Training: the pipeline's own loop, :func:`edgekd.detection.train.train_detector` (DAB-DETR's AdamW
+recipe at lr 1e-3 for every parameter, batch 16, lr dropped tenfold for the last fifth of the
+epochs, the teacher's encoder memory cached), so the methods differ only in their loss and the
+figures are what a run gets. Its per-epoch score runs on the first ``--monitor`` held-out scenes;
+the reported mAP is the last epoch's model on all ``--val``. Wall time: the whole call (cache
+build, epochs, per-epoch monitor scoring).
 
     python benchmarks/detr_kd.py [--seeds 0 1 2] [--methods none clockdistill] [--epochs 7]
-    python benchmarks/detr_kd.py --time-steps 20     # per-epoch time of teacher and student, then exit
 
 Prints a table and writes benchmarks/results/detr_kd.json (``--out`` elsewhere).
 """
@@ -28,7 +25,6 @@ Prints a table and writes benchmarks/results/detr_kd.json (``--out`` elsewhere).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -41,12 +37,13 @@ from rich.table import Table
 from edgekd import atomic, teachers
 from edgekd.console import console
 from edgekd.detection.data import DetectionDataset
-from edgekd.detection.distill import DETECTION_METHODS, DetectionMethod, build_detection_method
-from edgekd.detection.metrics import evaluate_dataset, postprocess
+from edgekd.detection.distill import DETECTION_METHODS, build_detection_method
 from edgekd.detection.synthetic import load_synthetic
+from edgekd.detection.train import evaluate_model, train_detector
 from edgekd.models import build_model
 from edgekd.models.checkpoint import load_weights
 from edgekd.models.detr import DETR
+from edgekd.recipe import TrainSpec
 from edgekd.report.build import environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detr_kd.json"
@@ -60,66 +57,30 @@ def _model(name: str, classes: int, seed: int) -> DETR:
     return build_model(name, classes, 3, kwargs={"task": "detection"})
 
 
-def _targets(data: DetectionDataset, index: np.ndarray) -> list[dict[str, torch.Tensor]]:
-    return [
-        {"labels": torch.as_tensor(data.labels[i]), "boxes": torch.as_tensor(data.boxes[i])} for i in index
-    ]
-
-
-def _optimizer(model: DETR, method: DetectionMethod, args: argparse.Namespace) -> torch.optim.AdamW:
-    backbone = list(model.backbone.parameters())
-    ids = {id(p) for p in backbone}
-    rest = [p for p in model.parameters() if id(p) not in ids] + method.trainable_parameters()
-    groups = [{"params": rest, "lr": args.lr}, {"params": backbone, "lr": args.lr_backbone}]
-    return torch.optim.AdamW(groups, weight_decay=1e-4)
-
-
 def train(
     model: DETR,
-    method: DetectionMethod,
+    method_name: str,
     teacher: DETR | None,
-    data: DetectionDataset,
+    data: tuple[DetectionDataset, DetectionDataset],
     epochs: int,
     args: argparse.Namespace,
     seed: int,
-    max_steps: int | None = None,
+    folder: Path,
 ) -> float:
-    """Train ``model`` by ``method`` for ``epochs`` (or ``max_steps``); the wall time in seconds."""
-    optimizer = _optimizer(model, method, args)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    steps_per_epoch = math.ceil(len(data) / args.batch)
-    drop_at = int(round(0.8 * epochs)) * steps_per_epoch
-    generator = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    model.train()
-    step, start = 0, time.perf_counter()
-    for _ in range(epochs):
-        order = generator.permutation(len(data))
-        for first in range(0, len(order), args.batch):
-            index = order[first : first + args.batch]
-            images = torch.from_numpy(data.images[index])
-            loss = method.loss(images, _targets(data, index), model, teacher)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 0.1)
-            optimizer.step()
-            step += 1
-            if step == drop_at:
-                for group in optimizer.param_groups:
-                    group["lr"] *= 0.1
-            if max_steps is not None and step >= max_steps:
-                return time.perf_counter() - start
+    """Train ``model`` by ``method_name`` for ``epochs`` with the pipeline's loop; the wall time in s."""
+    train_set, monitor = data
+    method = build_detection_method(method_name, model, teacher, len(train_set.classes))
+    spec = TrainSpec(epochs=epochs, batch_size=args.batch, lr=args.lr, weight_decay=1e-4)
+    start = time.perf_counter()
+    train_detector(
+        model, method, train_set, monitor, spec, seed, folder, f"detr_kd-{method_name}-{seed}",
+        teacher=teacher, label=method_name, log=lambda _: None,
+    )  # fmt: skip
     return time.perf_counter() - start
 
 
-@torch.no_grad()
-def score(model: DETR, data: DetectionDataset, batch: int = 64) -> dict[str, float]:
-    model.eval()
-    detections = []
-    for first in range(0, len(data), batch):
-        out = model(torch.from_numpy(data.images[first : first + batch]))
-        detections += postprocess(out["logits"], out["boxes"])
-    scores = evaluate_dataset(data, detections)
+def score(model: DETR, data: DetectionDataset) -> dict[str, float]:
+    scores = evaluate_model(model, data)
     return {"map": scores.map, "map50": scores.map50}
 
 
@@ -132,32 +93,6 @@ def _checkpoint(given: str) -> Path:
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def time_steps(args: argparse.Namespace, train_set: DetectionDataset, classes: int) -> dict:
-    """Seconds per step of the teacher (set loss) and of the student under each method, per epoch."""
-    steps_per_epoch = math.ceil(args.train / args.batch)
-    teacher = _model(TEACHER, classes, 0)
-    rows = {}
-    teacher_method = build_detection_method("none", teacher, None, classes)
-    rows["teacher"] = train(teacher, teacher_method, None, train_set, 1, args, 0, args.time_steps)
-    for name in args.methods:
-        student = _model(STUDENT, classes, 0)
-        method = build_detection_method(name, student, teacher, classes)
-        rows[name] = train(student, method, teacher, train_set, 1, args, 0, args.time_steps)
-    steps = min(args.time_steps, steps_per_epoch)
-    result = {
-        name: {"s_per_step": wall / steps, "s_per_epoch": wall / steps * steps_per_epoch}
-        for name, wall in rows.items()
-    }
-    title = f"{steps} steps at batch {args.batch}; {args.train} train scenes: {steps_per_epoch} steps/epoch"
-    table = Table(title=title)
-    for column in ("run", "s / step", "s / epoch (extrapolated)"):
-        table.add_column(column)
-    for name, row in result.items():
-        table.add_row(name, f"{row['s_per_step']:.3f}", f"{row['s_per_epoch']:.0f}")
-    console.print(table)
-    return result
 
 
 def main() -> None:
@@ -178,10 +113,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=7, help="student epochs, every method")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--lr-backbone", type=float, default=1e-3)
+    parser.add_argument("--monitor", type=int, default=100, help="held-out scenes scored every epoch")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--data-dir", type=Path, default=None, help="where the scenes are written (temp)")
-    parser.add_argument("--time-steps", type=int, default=0, help="only time this many steps, then exit")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.threads:
@@ -189,28 +123,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="edgekd-detr-kd-") as temp:
         root = args.data_dir or Path(temp)
-        if args.time_steps:
-            needed = min(args.train, args.batch * args.time_steps)  # only the scenes the timed steps use
-            train_set, _ = load_synthetic(root, args.seeds[0], args.size, needed, args.val, args.size)
-            time_steps(args, train_set, len(train_set.classes))
-            return
         runs: dict[str, list[dict]] = {"teacher": [], **{name: [] for name in args.methods}}
         for seed in args.seeds:
             train_set, val_set = load_synthetic(
                 root / f"seed{seed}", seed, args.size, args.train, args.val, args.size
             )
+            data = (train_set, val_set.subset(np.arange(min(args.monitor, len(val_set)))))
             classes = len(train_set.classes)
             teacher = _model(TEACHER, classes, seed)
             if args.teacher_checkpoint.lower() == "none":
-                wall = train(
-                    teacher,
-                    build_detection_method("none", teacher, None, classes),
-                    None,
-                    train_set,
-                    args.teacher_epochs,
-                    args,
-                    seed,
-                )
+                folder = Path(temp) / f"teacher-{seed}"
+                wall = train(teacher, "none", None, data, args.teacher_epochs, args, seed, folder)
             else:
                 load_weights(teacher, _checkpoint(args.teacher_checkpoint), TEACHER)
                 wall = 0.0
@@ -219,8 +142,9 @@ def main() -> None:
             _write(args, runs, complete=False)
             for name in args.methods:
                 student = _model(STUDENT, classes, seed)
-                method = build_detection_method(name, student, teacher, classes)
-                wall = train(student, method, teacher, train_set, args.epochs, args, seed)
+                wall = train(
+                    student, name, teacher, data, args.epochs, args, seed, Path(temp) / f"{name}-{seed}"
+                )
                 runs[name].append({"seed": seed, **score(student, val_set), "wall_s": wall})
                 console.print(f"seed {seed} {name}: {runs[name][-1]}")
                 _write(args, runs, complete=False)
