@@ -130,8 +130,8 @@ def quantize_openvino(
 ) -> tuple[ov.Model, dict[str, Any]]:
     """INT8 ``model`` calibrated on ``calib`` (and within ``budget`` when given), and what was done.
 
-    ``settings_extra``: more ``nncf.quantize`` keywords (a model family's rules, e.g. the DETR
-    ``model_type`` and ``ignored_scope`` of :func:`edgekd.quantize.detr_rules.nncf_settings`).
+    ``settings_extra``: more ``nncf.quantize`` keywords (e.g. a ``model_type`` and an ``ignored_scope``;
+    ``benchmarks/detr_int8.py`` passes the DETR ones NNCF offers).
     """
     import nncf
 
