@@ -21,6 +21,7 @@ from edgekd.models.detr import DETR
 from edgekd.profile import detection_post
 from edgekd.quantize.calibration import CalibrationSet
 from edgekd.quantize.detr_rules import float_nodes, quantize_detr_ort
+from tests.test_openvino import needs_openvino
 
 SIZE = 64
 
@@ -210,3 +211,27 @@ def test_deployment_budget_is_on_the_map_drop() -> None:
     assert decision["precision"] == "fp32" and decision["metric"] == "mAP"
     assert "drops 0.1000 mAP" in decision["reason"]
     assert "metric" not in decide(rows, artifacts, max_drop=0.2)
+
+
+@needs_openvino
+def test_openvino_int8_of_the_shipped_teacher_keeps_its_map(tmp_path) -> None:
+    """What a detection run compiles for OpenVINO (the DETR-rules QDQ model, converted) keeps a trained
+    DETR's mAP: NNCF's own INT8 lost nearly all of it (detr_rules.NNCF_MEASURED)."""
+    import openvino as ov
+
+    from edgekd import teachers
+    from edgekd.backends.openvino import _save_ir
+    from edgekd.detection.evaluate import OpenVinoDetector
+    from edgekd.models import build_model
+    from edgekd.models.checkpoint import load_weights
+
+    train, held_out = load_synthetic(tmp_path / "scenes", seed=7, image_size=128, train=32, val=64)
+    teacher = build_model("edgekd:detr-mnv3l", len(train.classes), 3, kwargs={"task": "detection"})
+    load_weights(teacher, teachers.weights("detr-mnv3l-scenes"), "edgekd:detr-mnv3l")
+    fp32, qdq = tmp_path / "teacher.onnx", tmp_path / "teacher.int8.onnx"
+    export_detector(teacher.eval(), (3, 128, 128), fp32)
+    quantize_detr_ort(fp32, qdq, CalibrationSet(train.images, "scenes", "none", 32, 16))
+    _save_ir(ov.convert_model(str(qdq)), tmp_path / "teacher.int8.xml", compress_to_fp16=False)
+    float_map50 = evaluate_detector(OrtDetector(fp32, 2), held_out)[0]["map50"]
+    int8_map50 = evaluate_detector(OpenVinoDetector(tmp_path / "teacher.int8.xml", 2), held_out)[0]["map50"]
+    assert float_map50 > 0.08 and int8_map50 >= float_map50 - 0.03, (float_map50, int8_map50)
