@@ -6,7 +6,7 @@ benchmarks/detection_teacher.py on 4,750 other scenes for 14 + 12 epochs), as in
 synthetic set (edgekd.detection.synthetic; default 3,000 train / 1,000 held-out scenes at 128 px, the
 default run's) is written once; the student (``edgekd:detr-mnv3``) is trained from the same
 initialisation (same seed) by each method of edgekd.detection.distill: ``none`` (the student alone),
-``memory-mse``, ``kd-detr``, ``clockdistill``, for the default run's 7 epochs. Every model is scored on
+``memory-mse``, ``kd-detr``, ``clockdistill``, for the default run's 14 epochs. Every model is scored on
 the held-out scenes with COCO mAP@[.5:.95] and mAP@.5 (edgekd.detection.metrics: top-100 sigmoid
 detections per image); wall time per training run.
 
@@ -17,7 +17,7 @@ figures are what a run gets. Its per-epoch score runs on the first ``--monitor``
 the reported mAP is the last epoch's model on all ``--val``. Wall time: the whole call (cache
 build, epochs, per-epoch monitor scoring).
 
-    python benchmarks/detr_kd.py [--seeds 0 1 2] [--methods none clockdistill] [--epochs 7]
+    python benchmarks/detr_kd.py [--seeds 0 1 2] [--methods none clockdistill] [--epochs 14]
 
 Prints a table and writes benchmarks/results/detr_kd.json (``--out`` elsewhere).
 """
@@ -110,7 +110,7 @@ def main() -> None:
         help="teacher weights (a file or builtin:NAME); none: train one per seed for --teacher-epochs",
     )
     parser.add_argument("--teacher-epochs", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=7, help="student epochs, every method")
+    parser.add_argument("--epochs", type=int, default=14, help="student epochs, every method")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--monitor", type=int, default=100, help="held-out scenes scored every epoch")
