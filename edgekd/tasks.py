@@ -45,8 +45,8 @@ DETECTION_DEFAULTS: dict[str, Any] = {
 # edgekd:detr-mnv3 alone after 30 epochs on 900 scenes 0.068 at 1e-3 vs 0.012 at 5e-4 after 15;
 # edgekd:detr-mnv3l after 6 epochs on 3,000 scenes 0.156 at 1e-3), while the ResNet-18 teacher does not
 # train at 1e-3 (0.0004 after 15 epochs) and reached 0.072 after 8 epochs on 3,000 scenes at 3e-4
-# (benchmarks/results/detr_convergence.json). The student's 14 epochs: after 7 (the default until
-# session 10) it is at half of what it reaches after 14 (held-out mAP 5.5 vs 9.9 alone, 6.1 vs 10.1 with
+# (benchmarks/results/detr_convergence.json). The student's 14 epochs: after 7 (the earlier
+# default) it is at half of what it reaches after 14 (held-out mAP 5.5 vs 9.9 alone, 6.1 vs 10.1 with
 # CLoCKDistill: benchmarks/results/detr_kd.json, detr_kd_14_epochs.json), and with 14 the default run
 # takes 7.6 minutes on two CPU cores (benchmarks/results/detection_pipeline.json).
 DETECTION_TRAIN = {
