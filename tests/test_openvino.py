@@ -240,3 +240,14 @@ def test_compress_for_openvino_end_to_end(tmp_path) -> None:
     assert control["budget"]["frames"] == 100 and control["budget"]["split"].startswith("train")
     markdown = (tmp_path / "ov" / "report.md").read_text()
     assert "student (openvino INT8)" in markdown and "by NNCF" in markdown and "hint latency" in markdown
+
+
+@needs_openvino
+def test_a_file_openvino_cannot_convert_is_one_model_error_naming_it(tmp_path: Path):
+    from edgekd.backends.openvino import convert_onnx
+
+    broken = tmp_path / "student.int8.onnx"
+    broken.write_bytes(b"not an onnx model")
+    with pytest.raises(ModelError, match=r"^OpenVINO cannot convert .*student\.int8\.onnx: ") as caught:
+        convert_onnx(broken)
+    assert "\n" not in str(caught.value)

@@ -86,6 +86,16 @@ def _save_ir(model: Any, target: Path, compress_to_fp16: bool) -> None:
         os.replace(staged, target)
 
 
+def convert_onnx(path: Path) -> Any:
+    """``ov.convert_model`` of the ONNX file ``path``; ModelError in one line when OpenVINO cannot."""
+    import openvino as ov
+
+    try:
+        return ov.convert_model(str(path))
+    except Exception as exc:
+        raise ModelError(f"OpenVINO cannot convert {path}: {first_line(exc)}") from exc
+
+
 @BACKENDS.register("openvino", aliases=("ov",))
 class OpenVinoBackend(Backend):
     """OpenVINO Runtime, CPU plugin; performance hint (latency/throughput) and thread count recorded."""
@@ -140,10 +150,7 @@ class OpenVinoBackend(Backend):
             )
         base, _, suffix = source.stem.rpartition(".")
         target = Path(out_dir) / f"{base if suffix in PRECISIONS else source.stem}.{precision}.xml"
-        try:
-            model = ov.convert_model(str(source))
-        except Exception as exc:
-            raise ModelError(f"OpenVINO cannot convert {source}: {first_line(exc)}") from exc
+        model = convert_onnx(source)
         metadata: dict[str, Any] = {
             "source": str(source),
             "format": "OpenVINO IR",

@@ -21,7 +21,7 @@ from typing import Any
 
 from edgekd.backends import BACKENDS, get_backend
 from edgekd.backends.base import Artifact
-from edgekd.errors import ExportError, ModelError, first_line
+from edgekd.errors import ExportError, first_line
 from edgekd.pipeline import RunContext, Stage, recipe_fields
 from edgekd.recipe import Recipe
 from edgekd.stages.device_build import device_build
@@ -189,7 +189,7 @@ def _openvino_detr_int8(ctx: RunContext, qdq_path: Path, stage_dir: Path) -> Art
     (:data:`edgekd.quantize.detr_rules.NNCF_MEASURED`)."""
     import openvino as ov
 
-    from edgekd.backends.openvino import _save_ir
+    from edgekd.backends.openvino import _save_ir, convert_onnx
     from edgekd.quantize.detr_rules import NNCF_MEASURED
     from edgekd.quantize.nncf import kept_in_float
 
@@ -201,10 +201,7 @@ def _openvino_detr_int8(ctx: RunContext, qdq_path: Path, stage_dir: Path) -> Art
     }
     naive_source = ctx.run_dir / outputs["naive_int8_onnx_file"]
     naive_target = stage_dir / "student.int8-naive.xml"
-    try:
-        naive_model = ov.convert_model(str(naive_source))
-    except Exception as exc:
-        raise ModelError(f"OpenVINO cannot convert {naive_source}: {first_line(exc)}") from exc
+    naive_model = convert_onnx(naive_source)
     _save_ir(naive_model, naive_target, compress_to_fp16=False)
     record["naive"] = {
         "file": str(naive_target.relative_to(ctx.run_dir)),
@@ -233,15 +230,11 @@ def _openvino_from_qdq(
     ctx: RunContext, onnx_path: Path, stage_dir: Path, quantization: dict[str, Any]
 ) -> Artifact:
     """OpenVINO IR of a QDQ ONNX model (Q/DQ pairs become FakeQuantize; OpenVINO runs them in INT8)."""
-    import openvino as ov
-
+    from edgekd.backends.openvino import convert_onnx
     from edgekd.quantize.nncf import kept_in_float
 
     target = stage_dir / "student.int8.xml"
-    try:
-        model = ov.convert_model(str(onnx_path))
-    except Exception as exc:
-        raise ModelError(f"OpenVINO cannot convert {onnx_path}: {first_line(exc)}") from exc
+    model = convert_onnx(onnx_path)
     quantization = {**quantization, "kept_in_float": kept_in_float(model)}
     return _int8_ir_artifact(ctx, model, target, onnx_path, quantization)
 
