@@ -132,6 +132,8 @@ def test_tensorrt_layout_follows_tensorrt_rules_and_runs_in_ort_and_openvino(tmp
     assert record["tensorrt_rules"] == {"violations": [], "complies": True}
     assert tensorrt_qdq_violations(path, per_channel=True) == []
     assert record["qlinear_fusable"]["fusable"] == 0  # no Q after a conv: ORT's CPU cannot fuse it
+    assert record["activation_quantisers"]["count"] == 0  # TensorRT fuses element-wise ops itself
+    assert record["activation_quantisers"]["skipped"].startswith("TensorRT's layout")
     model = onnx.load(str(path))
     values = _constants(model)
     per_channel = 0
@@ -382,6 +384,8 @@ def test_qad_end_to_end_on_a_timm_vision_student(tmp_path: Path) -> None:
     assert quant["parity"]["passed"] and quant["parity"]["top1_agreement"] >= 0.99
     assert quant["layout"] == "onnxruntime" and quant["layout_fallback"] is None
     assert quant["qlinear_fusable"]["fusable"] == quant["qlinear_fusable"]["conv_gemm_matmul"] > 40
+    activations = quant["activation_quantisers"]  # squeeze-excite Muls and residual Adds, as ORT's PTQ
+    assert activations["skipped"] is None and activations["ops"]["Mul"] > 0 and activations["ops"]["Add"] > 0
     [rung] = record["ladder"]
     assert rung["rung"] == "qad" and 0 <= rung["accuracy"] <= 1 and rung["latency_ms"] > 0
     model = onnx.load(str(tmp_path / "v" / record["int8_onnx_file"]))
@@ -479,3 +483,114 @@ def test_parity_gate_allows_the_models_own_quantisation_noise_not_more() -> None
     with pytest.raises(QuantizeError) as error:  # more than the noise and the step: an export error
         parity_gate(logits, logits + 0.5, "m.onnx", float_out=quantised_noise)
     assert "quantisation noise" in str(error.value)
+
+
+class _BlockNet(nn.Module):
+    """EfficientNet's element-wise ops in miniature: Conv-SiLU (module and functional), a
+    squeeze-excite gate (Sigmoid, Mul), a residual Add, a Hardsigmoid-gated Mul and a scalar Mul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.SiLU()
+        self.reduce, self.expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.conv, self.gate, self.hard = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Hardsigmoid()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(x))
+        x = x * torch.sigmoid(self.expand(nn.functional.silu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        x = self.conv(x) + x
+        x = x * self.hard(self.gate(x))
+        return self.head(x.mean((2, 3)) * 0.5)
+
+
+def _block_net_quantised(layout: str = "onnxruntime") -> tuple[nn.Module, list, list, dict, np.ndarray]:
+    from edgekd.quantize.qad import attach_activation_quantisers
+
+    torch.manual_seed(0)
+    model = _BlockNet().eval()
+    x = np.random.default_rng(0).standard_normal((96, 3, 8, 8)).astype(np.float32)
+    wrappers = attach_fake_quant(model, True, layout)
+    model, activations, record = attach_activation_quantisers(model, torch.from_numpy(x[:4]))
+    calibrate(model, [*wrappers, *activations], x[:64])
+    return model, wrappers, activations, record, x
+
+
+def _optimised_ops(path: Path, tmp_path: Path) -> dict[str, int]:
+    """Op counts of ONNX Runtime's optimised CPU graph of ``path``."""
+    import collections
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(
+        node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node
+    )
+
+
+def test_ort_layout_quantises_elementwise_ops_so_ort_runs_them_fused(tmp_path: Path) -> None:
+    # ORT's PTQ quantises Add, Mul and Sigmoid (inputs and output) and its CPU runs them as QLinearAdd,
+    # QLinearMul, QLinearSigmoid; QAD's ORT layout must do the same or those ops run in float between
+    # DQ/Q pairs (EfficientNet-B0: 1.22x PTQ's p50). SiLU becomes Sigmoid and Mul, each quantised; an
+    # unquantised input of a quantised op (the Hardsigmoid gate) gets its own quantiser; a Mul by a
+    # constant is no element-wise op of two tensors and stays as it is.
+    from edgekd.quantize.qad import export_qdq, onnx_logits
+
+    model, wrappers, activations, record, x = _block_net_quantised()
+    assert record["ops"] == {"Sigmoid": 3, "Mul": 4, "Add": 1, "inputs": 1} and record["count"] == 9
+    assert record["silu_decomposed"] == 2 and record["skipped"] is None
+    assert len(activations) == 9 and len(wrappers) == 6
+    path = tmp_path / "block.onnx"
+    export = export_qdq(model, (3, 8, 8), path)
+    assert export["quantize_linear_nodes"] == export["dequantize_linear_nodes"]
+    ops = _optimised_ops(path, tmp_path)
+    assert (ops["QLinearSigmoid"], ops["QLinearMul"], ops["QLinearAdd"], ops["QLinearConv"]) == (3, 4, 1, 5)
+    assert ops["Sigmoid"] == ops["Add"] == 0 and ops["Mul"] <= 1  # at most the constant's Mul in float
+    held_out = x[64:]
+    quantised, onnx_out = torch_logits(model, held_out), onnx_logits(path, held_out)
+    step = np.abs(quantised).max() / 127
+    assert np.mean(quantised.argmax(1) == onnx_out.argmax(1)) >= 0.97
+    assert np.percentile(np.abs(quantised - onnx_out), 99) <= 2 * step
+
+
+def test_element_wise_quantisers_feeding_a_layer_share_its_learned_range(tmp_path: Path) -> None:
+    # An Add's quantiser feeding a conv exports Q -> DQ -> Q -> DQ on one tensor, as a conv feeding a
+    # conv does: learned ranges are tied there too, so ORT computes what was trained.
+    from edgekd.quantize.qad import chained_pairs, export_qdq, onnx_logits, tie_learned_ranges
+
+    model, wrappers, activations, _, x = _block_net_quantised()
+    quantisers = [*wrappers, *activations]
+    for quantiser in quantisers:
+        quantiser.learn_ranges()
+    pairs = chained_pairs(model, quantisers, torch.from_numpy(x[:4]))
+    assert any(a in activations and b in wrappers for a, b in pairs)
+    assert tie_learned_ranges(pairs) == len(pairs)
+    with torch.no_grad():
+        for i, quantiser in enumerate(quantisers):
+            for name, value in quantiser.learned.items():
+                value.mul_(1.1 + 0.02 * i) if "scale" in name else value.add_(2.0)
+    path = tmp_path / "tied.onnx"
+    export_qdq(model, (3, 8, 8), path)
+    quantised, onnx_out = torch_logits(model, x), onnx_logits(path, x)
+    assert np.percentile(np.abs(quantised - onnx_out), 99) <= 2 * np.abs(quantised).max() / 127
+
+
+def test_a_model_torch_fx_cannot_trace_keeps_its_layer_quantisers_and_says_why() -> None:
+    from edgekd.quantize.qad import attach_activation_quantisers
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return (y + y if y.sum() > 0 else y).mean((2, 3))  # data-dependent control flow
+
+    model = Branchy().eval()
+    attach_fake_quant(model, True, "onnxruntime")
+    traced, activations, record = attach_activation_quantisers(model, torch.randn(2, 3, 8, 8))
+    assert traced is model and activations == [] and record["count"] == 0
+    assert record["skipped"].startswith("torch.fx cannot trace Branchy") and "\n" not in record["skipped"]
