@@ -9,7 +9,9 @@ and QAD in TensorRT's symmetric layout (the jetson target's QDQ model, run here 
 layout the README calls several times slower on ORT); on OpenVINO FP32, NNCF's INT8 and QAD (TensorRT's
 layout, which OpenVINO targets export). Then every artifact is timed in ``--rounds`` interleaved rounds
 (batch 1, one synchronous call, per ``--threads``) and each one's median p50 over the rounds is kept,
-so drift on the machine falls on all alike. Ratios are to the same runtime's FP32 artifact.
+so drift on the machine falls on all alike. Ratios are to the same runtime's FP32 artifact. Each ONNX
+Runtime row also records the op counts of ORT's optimised graph (Q/DQ nodes left, fused QLinear kernels,
+float element-wise ops), and each QAD row the layout it exported.
 
 Run it alone on the machine.
 
@@ -89,8 +91,31 @@ def build(student: str, root: Path) -> list[dict[str, Any]]:
         report = json.loads((run / "report.json").read_text())
         artifact = _keep(run, report, which, root / "kept" / f"{name}-{index}")
         runtime = artifact.backend
-        kept.append({"label": label, "runtime": runtime, "target": target, "artifact": artifact})
+        entry = {"label": label, "runtime": runtime, "target": target, "artifact": artifact}
+        if mode == "qad":  # the layout QAD exported (a failed parity gate falls back to TensorRT's)
+            quant = report["quantization"]["quantization"]
+            entry["qad"] = {key: quant[key] for key in ("layout", "layout_fallback", "activation_quantisers")}
+        if runtime == "onnxruntime":
+            entry["ort_optimised_graph"] = optimised_graph_ops(artifact.path, root / "optimised")
+        kept.append(entry)
     return kept
+
+
+def optimised_graph_ops(path: Path, workdir: Path) -> dict[str, int]:
+    """What ONNX Runtime's CPU runs: the Q/DQ, fused QLinear and float element-wise nodes of its optimised
+    graph of ``path`` (the counts behind QAD's latency against PTQ's)."""
+    import onnx
+    import onnxruntime as ort
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(workdir / f"{path.parent.name}-{path.name}")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    shown = ("QuantizeLinear", "DequantizeLinear", "Sigmoid", "Mul", "Add", "Conv")
+    counts = {op: ops.count(op) for op in shown}
+    counts.update({op: ops.count(op) for op in sorted(set(ops)) if op.startswith("QLinear") or op == "QGemm"})
+    return counts
 
 
 def time_all(
@@ -143,6 +168,7 @@ def main() -> None:
                     "p50_ms": entry["p50_ms"],
                     "ratio_to_fp32": ratios,
                     "rounds_p50_ms": entry["rounds_p50_ms"],
+                    **{key: entry[key] for key in ("qad", "ort_optimised_graph") if key in entry},
                 }
             )
             cells = [f"{entry['p50_ms'][t]:.3f} ({ratios[t]:.2f}x)" for t in args.threads]
