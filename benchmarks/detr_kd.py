@@ -84,13 +84,6 @@ def score(model: DETR, data: DetectionDataset) -> dict[str, float]:
     return {"map": scores.map, "map50": scores.map50}
 
 
-def _checkpoint(given: str) -> Path:
-    """``builtin:NAME`` is the teacher edgekd ships (edgekd/teachers/NAME.safetensors), else a file."""
-    if given.startswith(teachers.PREFIX):
-        return teachers.weights(given.removeprefix(teachers.PREFIX))
-    return Path(given)
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -135,7 +128,7 @@ def main() -> None:
                 folder = Path(temp) / f"teacher-{seed}"
                 wall = train(teacher, "none", None, data, args.teacher_epochs, args, seed, folder)
             else:
-                load_weights(teacher, _checkpoint(args.teacher_checkpoint), TEACHER)
+                load_weights(teacher, teachers.resolve(args.teacher_checkpoint), TEACHER)
                 wall = 0.0
             runs["teacher"].append({"seed": seed, **score(teacher, val_set), "wall_s": wall})
             console.print(f"seed {seed} teacher: {runs['teacher'][-1]}")

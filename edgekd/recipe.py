@@ -160,11 +160,7 @@ class TeacherSpec(Section):
     def _builtin_teacher(cls, value: Any) -> Any:
         """``builtin:NAME`` is ``edgekd/teachers/NAME.safetensors``, a teacher shipped with edgekd."""
         if isinstance(value, str) and value.startswith(BUILTIN_PREFIX):
-            name = value.removeprefix(BUILTIN_PREFIX)
-            shipped = teachers.names()
-            if name not in shipped:
-                raise ValueError(f"no shipped teacher {name!r}; shipped: {', '.join(shipped) or 'none'}")
-            return teachers.weights(name)
+            return teachers.resolve(value)
         return value
 
 

@@ -86,3 +86,9 @@ def test_the_shipped_teacher_is_the_default_only_for_its_own_task():
     shipped_names = r"clst-radio-synthetic, detr-mnv3l-scenes"
     with pytest.raises(RecipeError, match=rf"no shipped teacher 'nope'; shipped: {shipped_names}"):
         load_recipe(None, ["teacher.checkpoint=builtin:nope"])
+    from edgekd import teachers  # the benchmarks resolve builtin:NAME through the same function
+
+    assert teachers.resolve("builtin:clst-radio-synthetic") == shipped
+    assert teachers.resolve("runs/teacher.pt") == Path("runs/teacher.pt")
+    with pytest.raises(ValueError, match=rf"no shipped teacher 'nope'; shipped: {shipped_names}"):
+        teachers.resolve("builtin:nope")

@@ -31,6 +31,17 @@ def weights(name: str) -> Path:
     return SHIPPED_DIR / f"{name}{WEIGHTS_SUFFIX}"
 
 
+def resolve(checkpoint: str) -> Path:
+    """``builtin:NAME`` as the shipped teacher's weights file, any other string as a path; ValueError
+    naming the shipped teachers for an unknown NAME."""
+    if not checkpoint.startswith(PREFIX):
+        return Path(checkpoint)
+    name = checkpoint.removeprefix(PREFIX)
+    if name not in names():
+        raise ValueError(f"no shipped teacher {name!r}; shipped: {', '.join(names()) or 'none'}")
+    return weights(name)
+
+
 def shipped_name(checkpoint: str | Path | None) -> str | None:
     """The name of the shipped teacher whose weights ``checkpoint`` is, else None."""
     if checkpoint is None:
