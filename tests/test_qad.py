@@ -332,6 +332,30 @@ def test_failed_parity_gate_is_one_line() -> None:
     assert "\n" not in message and "m.onnx" in message and "top-1 agreement" in message
 
 
+def test_parity_gate_ignores_near_ties_but_not_flipped_decisions() -> None:
+    # A briefly trained student has near-tied logits: differences far inside the tolerance flip them,
+    # and that is no fault of the artifact. A decided frame (margin over 2 x p99 |diff|) that flips is.
+    rng = np.random.default_rng(0)
+    logits = (3 * rng.standard_normal((200, 5))).astype(np.float32)
+    order = np.argsort(logits, axis=1)
+    rows = np.arange(200)
+    tied = rows[:10]
+    logits[tied, order[tied, -2]] = logits[tied, order[tied, -1]] - 1e-4  # 10 near-ties
+    onnx_out = logits + rng.uniform(-1e-4, 1e-4, logits.shape).astype(np.float32)
+    onnx_out[tied, order[tied, -2]] += 5e-4  # each near-tie flips
+    record = parity_gate(logits, onnx_out, "m.onnx")
+    assert record["passed"] and record["top1_agreement"] == 0.95
+    assert record["top1_agreement_decided"] == 1.0 and record["decided_frames"] <= 190
+    flipped = onnx_out.copy()
+    decided = rows[-3:]  # three frames with clear margins swap their top two logits
+    top, second = order[decided, -1], order[decided, -2]
+    flipped[decided, top], flipped[decided, second] = logits[decided, second], logits[decided, top]
+    with pytest.raises(
+        QuantizeError, match=r"top-1 agreement 98\.\d+% on the \d+ frames with a top-1 margin"
+    ):
+        parity_gate(logits, flipped, "m.onnx")
+
+
 def test_batchnorm_folding_keeps_outputs_and_fake_quant_starts_near_fp32() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -833,16 +833,21 @@ def parity_gate(
 ) -> dict[str, Any]:
     """Gate the ONNX artifact against the fake-quant PyTorch model; QuantizeError naming the numbers.
 
-    Passes when top-1 agreement >= 99 % and the 99th percentile of |logit difference| is within the
-    larger of one quantisation step of the logits (max |logit| / 127 of the PyTorch model) and the
-    model's own quantisation noise (p99 |fake-quant - float logits|, when ``float_out`` is given).
-    Why the second: two correct float32 implementations of a deep fake-quantised network sum in a
-    different order, so a few values sitting on a rounding tie quantise one step apart, and those
-    flips propagate like quantisation noise (EfficientNet-B0 on digits: 2e-6 of the first quantiser's
-    values differ, and at the logits the gap is 0.6x the model's whole quantisation noise, 0.9x one
-    logit step). A wrong scale, axis or bias exceeds both and breaks top-1 agreement.
+    Passes when the 99th percentile of |logit difference| is within the larger of one quantisation
+    step of the logits (max |logit| / 127 of the PyTorch model) and the model's own quantisation noise
+    (p99 |fake-quant - float logits|, when ``float_out`` is given), and top-1 agreement is >= 99 % on
+    the *decided* frames: those whose top-1 margin in the PyTorch model exceeds twice that p99, the
+    most the accepted differences can move two logits apart. Why the tolerance: two correct float32
+    implementations of a deep fake-quantised network sum in a different order, so a few values sitting
+    on a rounding tie quantise one step apart, and those flips propagate like quantisation noise
+    (EfficientNet-B0 on digits: 2e-6 of the first quantiser's values differ, and at the logits the gap
+    is 0.6x the model's whole quantisation noise, 0.9x one logit step). Why decided frames: a briefly
+    trained student has near-tied logits, and differences of that size flip them (a 4-epoch
+    EfficientNet-B0: p99 |diff| 0.044 against a tolerance of 2.7, yet 1.3 % of top-1 flipped, every
+    one a near-tie). A wrong scale, axis or bias exceeds the tolerance, or flips decided frames.
     """
-    agreement = float(np.mean(torch_out.argmax(axis=1) == onnx_out.argmax(axis=1)))
+    agrees = torch_out.argmax(axis=1) == onnx_out.argmax(axis=1)
+    agreement = float(np.mean(agrees))
     diff = np.abs(torch_out.astype(np.float64) - onnx_out.astype(np.float64))
     step = float(np.abs(torch_out).max()) / QMAX
     noise = None
@@ -850,23 +855,32 @@ def parity_gate(
         noise = float(np.percentile(np.abs(torch_out.astype(np.float64) - float_out), 99))
     tolerance = max(step, noise or 0.0)
     p99 = float(np.percentile(diff, 99))
+    top_two = np.sort(torch_out.astype(np.float64), axis=1)[:, -2:]
+    decided = (
+        (top_two[:, 1] - top_two[:, 0]) > 2 * p99 if torch_out.shape[1] > 1 else np.ones(len(agrees), bool)
+    )
+    decided_agreement = float(np.mean(agrees[decided])) if decided.any() else 1.0
     record = {
         "frames": len(torch_out),
         "top1_agreement": round(agreement, 6),
+        "decided_frames": int(decided.sum()),
+        "top1_agreement_decided": round(decided_agreement, 6),
         "min_top1_agreement": MIN_AGREEMENT,
         "logit_abs_diff_p99": p99,
         "logit_abs_diff_max": float(diff.max()),
         "quantisation_step": step,
         "quantisation_noise_p99": noise,
         "logit_tolerance": tolerance,
-        "passed": agreement >= MIN_AGREEMENT and p99 <= tolerance,
+        "passed": decided_agreement >= MIN_AGREEMENT and p99 <= tolerance,
     }
     if not record["passed"]:
         raise QuantizeError(
-            f"{where}: QAD parity gate failed: ONNX vs fake-quant PyTorch top-1 agreement {agreement:.2%} "
-            f"(need >= {MIN_AGREEMENT:.0%}), p99 |logit diff| {p99:.4g} vs tolerance {tolerance:.4g} "
-            f"(one quantisation step {step:.4g}, quantisation noise {noise if noise is not None else 'n/a'}) "
-            f"on {len(torch_out)} held-out frames; set quantize.mode: ptq and report this model"
+            f"{where}: QAD parity gate failed: ONNX vs fake-quant PyTorch top-1 agreement "
+            f"{decided_agreement:.2%} on the {int(decided.sum())} frames with a top-1 margin over 2 x p99 "
+            f"|logit diff| (need >= {MIN_AGREEMENT:.0%}; {agreement:.2%} on all {len(torch_out)}), "
+            f"p99 |logit diff| {p99:.4g} vs tolerance {tolerance:.4g} (one quantisation step {step:.4g}, "
+            f"quantisation noise {noise if noise is not None else 'n/a'}); set quantize.mode: ptq and report "
+            "this model"
         )
     return record
 
