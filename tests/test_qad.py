@@ -618,3 +618,28 @@ def test_a_model_torch_fx_cannot_trace_keeps_its_layer_quantisers_and_says_why()
     traced, activations, record = attach_activation_quantisers(model, torch.randn(2, 3, 8, 8))
     assert traced is model and activations == [] and record["count"] == 0
     assert record["skipped"].startswith("torch.fx cannot trace Branchy") and "\n" not in record["skipped"]
+
+
+def test_layers_reading_one_tensor_export_their_equal_scales_as_constants(tmp_path: Path) -> None:
+    # Two layers reading one tensor (a ResNet block's conv1 and downsample) calibrate equal scales; the
+    # exporter merged equal buffers behind Identity nodes and TensorRT's rule check (so the jetson
+    # target) refused the model: "scale ... is not a constant".
+    from edgekd.quantize.qad import export_qdq, onnx_logits
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.a(x) + self.b(x)).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Branches().eval()
+    x = np.random.default_rng(0).standard_normal((16, 3, 4, 4)).astype(np.float32)
+    wrappers = attach_fake_quant(model, True, "tensorrt")
+    calibrate(model, wrappers, x)
+    assert float(wrappers[0].act_scale) == float(wrappers[1].act_scale)
+    export_qdq(model, (3, 4, 4), tmp_path / "m.onnx")
+    assert tensorrt_qdq_violations(tmp_path / "m.onnx", per_channel=True) == []
+    np.testing.assert_allclose(onnx_logits(tmp_path / "m.onnx", x), torch_logits(model, x), atol=1e-5)

@@ -207,8 +207,11 @@ class TensorQuantisers(nn.Module):
     def _fake_quant_activation(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         low, high = self.act_range
         if self.learned is None:
-            zero = _constant(getattr(self, f"{kind}_zero"))
-            return torch.fake_quantize_per_tensor_affine(x, getattr(self, f"{kind}_scale"), zero, low, high)
+            zero, scale = (
+                _constant(getattr(self, f"{kind}_zero")),
+                _constant_scale(getattr(self, f"{kind}_scale")),
+            )
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero, low, high)
         scale = self.learned[f"{kind}_scale_range"].clamp_min(MIN_SCALE)  # what freeze() stores
         zero = self.learned[f"{kind}_zero_range"] if self.asymmetric else torch.zeros(1)
         grad_factor = 1.0 / math.sqrt(max(1, x[0].numel()) * high)  # LSQ's step-size gradient scale
@@ -271,6 +274,8 @@ class FakeQuantLayer(TensorQuantisers):
         return bias + (steps * scale - bias).detach()
 
     def _fake_quant_weight(self, scale: torch.Tensor) -> torch.Tensor:
+        if self.frozen:
+            scale = _constant_scale(scale)
         if self.per_channel:
             zero = torch.zeros(scale.shape, dtype=torch.int32)
             return torch.fake_quantize_per_channel_affine(self.layer.weight, scale, zero, 0, QMIN, QMAX)
@@ -301,6 +306,14 @@ def _constant(zero: torch.Tensor) -> torch.Tensor:
     """A zero point as a fresh constant: the exporter writes it into each Q/DQ node (a buffer would be
     one shared initializer behind Identity nodes, which TensorRT's rule check cannot read)."""
     return torch.tensor(int(zero), dtype=torch.int32)
+
+
+def _constant_scale(scale: torch.Tensor) -> torch.Tensor:
+    """A frozen scale as a fresh constant of the same values. The exporter merges buffers of equal value
+    into one initializer behind Identity nodes, and equal activation scales are common: two layers
+    reading one tensor (a ResNet block's conv1 and its downsample) calibrate the same range. TensorRT's
+    rule check then found a scale that "is not a constant" and the jetson target refused the model."""
+    return torch.tensor(scale.detach().tolist(), dtype=scale.dtype)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
