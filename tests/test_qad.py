@@ -410,6 +410,7 @@ def test_qad_end_to_end_on_a_timm_vision_student(tmp_path: Path) -> None:
     assert quant["qlinear_fusable"]["fusable"] == quant["qlinear_fusable"]["conv_gemm_matmul"] > 40
     activations = quant["activation_quantisers"]  # squeeze-excite Muls and residual Adds, as ORT's PTQ
     assert activations["skipped"] is None and activations["ops"]["Mul"] > 0 and activations["ops"]["Add"] > 0
+    assert activations["gated_activations_decomposed"] > 0  # Hardswish as x * hardsigmoid(x)
     [rung] = record["ladder"]
     assert rung["rung"] == "qad" and 0 <= rung["accuracy"] <= 1 and rung["latency_ms"] > 0
     model = onnx.load(str(tmp_path / "v" / record["int8_onnx_file"]))
@@ -564,7 +565,7 @@ def test_ort_layout_quantises_elementwise_ops_so_ort_runs_them_fused(tmp_path: P
 
     model, wrappers, activations, record, x = _block_net_quantised()
     assert record["ops"] == {"Sigmoid": 3, "Mul": 4, "Add": 1, "inputs": 1} and record["count"] == 9
-    assert record["silu_decomposed"] == 2 and record["skipped"] is None
+    assert record["gated_activations_decomposed"] == 2 and record["skipped"] is None
     assert len(activations) == 9 and len(wrappers) == 6
     path = tmp_path / "block.onnx"
     export = export_qdq(model, (3, 8, 8), path)

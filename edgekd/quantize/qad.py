@@ -18,13 +18,14 @@ al., 2013); QAD replaces its label loss by distillation from the FP32 teacher (M
   Runtime targets therefore train and export ORT's own layout: activations asymmetric UINT8 with
   ORT's min/max rule (range widened to hold 0) on the input *and the output* of every Conv/Linear,
   weights as above, and (:func:`attach_activation_quantisers`, torch.fx) the same quantisers on the
-  inputs and output of every Add/Mul of two tensors and every Sigmoid (SiLU written as
-  ``x * sigmoid(x)``), the element-wise ops ORT's PTQ quantises and its CPU runs as QLinearAdd /
-  QLinearMul / QLinearSigmoid. Conv/Linear alone left EfficientNet-B0's SiLUs and residual Adds in
-  float between DQ/Q pairs (125 DequantizeLinear in ORT's optimised graph, PTQ's 18; 1.22x PTQ's
-  p50); with them the optimised graph has PTQ's 18 (a model torch.fx cannot trace keeps Conv/Linear
-  only, and the record says why). Its export is the fake-quant model itself, so the parity gate holds
-  and the artifact runs at PTQ's latency.
+  inputs and output of every Add/Mul of two tensors and every Sigmoid (SiLU and Hardswish written as
+  ``x * sigmoid(x)`` and ``x * hardsigmoid(x)``), the element-wise ops ORT's PTQ quantises and its
+  CPU runs as QLinearAdd / QLinearMul / QLinearSigmoid. Conv/Linear alone left EfficientNet-B0's
+  SiLUs and residual Adds in float between DQ/Q pairs (125 DequantizeLinear in ORT's optimised graph,
+  PTQ's 18; 1.22x PTQ's p50); with them the optimised graph is PTQ's, op for op (a model torch.fx
+  cannot trace keeps Conv/Linear only, and the record says why). Its export is the fake-quant model
+  itself, so the parity gate holds and the artifact runs at PTQ's latency
+  (benchmarks/results/qad_latency.json).
   Measured and rejected: fine-tuning in TensorRT's layout and re-quantising the fine-tuned float
   network with ORT's PTQ (as fast, but only 77-87 % top-1 agreement with the fake-quant model: a
   different quantisation of a model with small margins), and signed INT8 activations (ORT's s8s8
@@ -496,17 +497,26 @@ def _quantise_output(graph_module: fx.GraphModule, node: fx.Node, index: int) ->
     return quantiser
 
 
-def _decompose_silu(graph_module: fx.GraphModule) -> int:
-    """Rewrite every SiLU (module or ``F.silu``) as ``x * sigmoid(x)``, the two ops ONNX exports it as,
-    so each gets its own quantiser (QLinearSigmoid, QLinearMul). Returns the count."""
+# Gated activations x * gate(x) as modules and functions, with their gate: written out, the Mul gets ORT's
+# quantisers (QLinearMul) and a Sigmoid gate its own (QLinearSigmoid), as ORT's PTQ quantises them.
+GATED_MODULES = {nn.SiLU: torch.sigmoid, nn.Hardswish: F.hardsigmoid}
+GATED_FUNCTIONS = {F.silu: torch.sigmoid, F.hardswish: F.hardsigmoid}
+
+
+def _decompose_gated_activations(graph_module: fx.GraphModule) -> int:
+    """Rewrite every SiLU as ``x * sigmoid(x)`` and every Hardswish as ``x * hardsigmoid(x)`` (modules
+    or functions): ONNX Runtime runs them as a gate and a Mul, and quantises both. Returns the count."""
     graph, count = graph_module.graph, 0
     for node in list(graph.nodes):
-        module = graph_module.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if not (isinstance(module, nn.SiLU) or (node.op == "call_function" and node.target is F.silu)):
+        if node.op == "call_module":
+            gate_fn = GATED_MODULES.get(type(graph_module.get_submodule(str(node.target))))
+        else:
+            gate_fn = GATED_FUNCTIONS.get(node.target) if node.op == "call_function" else None
+        if gate_fn is None:
             continue
         source = node.args[0]
         with graph.inserting_after(node):
-            gate = graph.call_function(torch.sigmoid, (source,))
+            gate = graph.call_function(gate_fn, (source,))
         with graph.inserting_after(gate):
             product = graph.call_function(operator.mul, (source, gate))
         node.replace_all_uses_with(product)
@@ -520,9 +530,10 @@ def attach_activation_quantisers(
     model: nn.Module, example: torch.Tensor
 ) -> tuple[nn.Module, list[ActivationQuantiser], dict[str, Any]]:
     """ONNX Runtime's layout beyond the weighted layers: ``model`` (its Conv/Linear already wrapped)
-    traced with torch.fx, SiLU written as ``x * sigmoid(x)``, and an :class:`ActivationQuantiser` behind
-    every Add/Mul of two tensors and every Sigmoid, and on each of their inputs that no quantiser
-    covers yet (e.g. a Hardsigmoid gate), so the export quantises those ops' inputs and outputs as
+    traced with torch.fx, SiLU and Hardswish written as ``x * sigmoid(x)`` and ``x * hardsigmoid(x)``,
+    and an :class:`ActivationQuantiser` behind every Add/Mul of two tensors and every Sigmoid, and on
+    each of their inputs that no quantiser covers yet (e.g. a Hardsigmoid gate), so the export
+    quantises those ops' inputs and outputs as
     ORT's own PTQ does. Without them EfficientNet-B0's 65 SiLUs and its residual Adds ran in float between
     DQ/Q pairs (125 DequantizeLinear left in ORT's optimised graph against PTQ's 18: 1.22x PTQ's p50,
     benchmarks/results/qad_latency.json).
@@ -540,7 +551,7 @@ def attach_activation_quantisers(
             reference = model.eval()(example)
             try:
                 traced = fx.GraphModule(model, _QuantisedLeaves().trace(model))
-                silu = _decompose_silu(traced)
+                gated = _decompose_gated_activations(traced)
                 ShapeProp(traced).propagate(example)
             except Exception as exc:  # dynamic control flow, untraceable ops: keep the layers' quantisers
                 reason = f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: "
@@ -570,7 +581,7 @@ def attach_activation_quantisers(
     finally:
         for wrapper in wrappers:
             wrapper.bypass = False
-    record = {"count": len(quantisers), "ops": ops, "silu_decomposed": silu, "skipped": None}
+    record = {"count": len(quantisers), "ops": ops, "gated_activations_decomposed": gated, "skipped": None}
     return traced, quantisers, record
 
 
