@@ -644,3 +644,27 @@ def test_layers_reading_one_tensor_export_their_equal_scales_as_constants(tmp_pa
     export_qdq(model, (3, 4, 4), tmp_path / "m.onnx")
     assert tensorrt_qdq_violations(tmp_path / "m.onnx", per_channel=True) == []
     np.testing.assert_allclose(onnx_logits(tmp_path / "m.onnx", x), torch_logits(model, x), atol=1e-5)
+
+
+def test_a_relu_after_a_layer_gives_its_output_quantiser_the_relus_range(tmp_path: Path) -> None:
+    # ORT's PTQ quantises Conv -> Relu with the Relu's range (zero point 0) and drops the Relu; with the
+    # conv's own range QAD left a DequantizeLinear -> QuantizeLinear requantisation per ReLU.
+    from edgekd.quantize.qad import attach_activation_quantisers, export_qdq, onnx_logits
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Identity(),
+        nn.ReLU(inplace=True), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 8 * 8, 4),
+    ).eval()  # fmt: skip
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    wrappers = attach_fake_quant(model, True, "onnxruntime")
+    model, activations, record = attach_activation_quantisers(model, torch.from_numpy(x[:4]))
+    assert record["relu_folded"] == 2 and [w.relu_follows for w in wrappers] == [True, True, False, False]
+    calibrate(model, [*wrappers, *activations], x)
+    assert int(wrappers[0].out_zero) == int(wrappers[1].out_zero) == 0
+    assert float(wrappers[0].out_scale) == float(wrappers[1].act_scale)  # one range: nothing to requantise
+    path = tmp_path / "relu.onnx"
+    export_qdq(model, (3, 8, 8), path)
+    ops = _optimised_ops(path, tmp_path)
+    assert ops["Relu"] == 0 and ops["QLinearConv"] == 3 and ops["DequantizeLinear"] <= 2
+    np.testing.assert_allclose(onnx_logits(path, x), torch_logits(model, x), atol=1e-4)
