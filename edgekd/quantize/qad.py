@@ -119,8 +119,6 @@ class TensorQuantisers(nn.Module):
     ``asymmetric=True`` is ONNX Runtime's (UINT8, the range widened to hold 0, the zero point rounded).
     """
 
-    kinds: tuple[str, ...] = ()
-
     def __init__(self, kinds: tuple[str, ...], asymmetric: bool) -> None:
         super().__init__()
         self.kinds = kinds
@@ -200,6 +198,12 @@ class TensorQuantisers(nn.Module):
         self.learned = None
 
     @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix the activation ranges: learned ones are copied into the constants the export holds."""
+        self._store_learned_ranges()
+        self.frozen = True
+
+    @torch.no_grad()
     def _observe(self, x: torch.Tensor, kind: str) -> None:
         low, high = getattr(self, f"{kind}_min"), getattr(self, f"{kind}_max")
         low.copy_(torch.minimum(low, x.detach().amin()))
@@ -208,10 +212,10 @@ class TensorQuantisers(nn.Module):
     def _fake_quant_activation(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         low, high = self.act_range
         if self.learned is None:
-            zero, scale = (
-                _constant(getattr(self, f"{kind}_zero")),
-                _constant_scale(getattr(self, f"{kind}_scale")),
-            )
+            scale = getattr(self, f"{kind}_scale")
+            if self.frozen:  # what the export holds
+                scale = _constant_scale(scale)
+            zero = _constant(getattr(self, f"{kind}_zero"))
             return torch.fake_quantize_per_tensor_affine(x, scale, zero, low, high)
         scale = self.learned[f"{kind}_scale_range"].clamp_min(MIN_SCALE)  # what freeze() stores
         zero = self.learned[f"{kind}_zero_range"] if self.asymmetric else torch.zeros(1)
@@ -257,7 +261,7 @@ class FakeQuantLayer(TensorQuantisers):
         bias = self.quantized_bias()
         if bias is not None:
             self.layer.bias.copy_(bias)
-        self.frozen = True
+        super().freeze()
 
     def quantized_weight(self) -> torch.Tensor:
         scale = self.weight_scale if self.frozen else self._current_weight_scale()
@@ -414,11 +418,6 @@ class ActivationQuantiser(TensorQuantisers):
     def __init__(self) -> None:
         super().__init__(("out",), asymmetric=True)
 
-    @torch.no_grad()
-    def freeze(self) -> None:
-        self._store_learned_ranges()
-        self.frozen = True
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return x
@@ -429,8 +428,8 @@ class ActivationQuantiser(TensorQuantisers):
 
 
 # Element-wise ops whose outputs ONNX Runtime's PTQ quantises and its CPU runs as fused QLinear kernels
-# (QDQ → op → Q): what ORT's layout puts a fake quantiser behind. Others (Hardswish, ReduceMean, ...) have
-# no such kernel; quantised, they would only add Q/DQ pairs, so they stay float as in PTQ.
+# (QDQ → op → Q): what ORT's layout puts a fake quantiser behind. Others (Hardsigmoid, ReduceMean, ...)
+# have no such kernel; quantised, they would only add Q/DQ pairs, so they stay float as in PTQ.
 ELEMENTWISE_FUNCTIONS = {operator.add: "Add", torch.add: "Add", operator.mul: "Mul", torch.mul: "Mul",
                          torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid"}  # fmt: skip
 ELEMENTWISE_METHODS = {"add": "Add", "mul": "Mul", "sigmoid": "Sigmoid"}
@@ -478,10 +477,8 @@ def _quantised(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     looking through modules that pass their input on unchanged (Identity, eval-mode Dropout)."""
     while node.op == "call_module":
         module = graph_module.get_submodule(str(node.target))
-        if isinstance(module, ActivationQuantiser) or (
-            isinstance(module, FakeQuantLayer) and module.asymmetric
-        ):
-            return True
+        if isinstance(module, TensorQuantisers):
+            return module.asymmetric
         if not isinstance(module, PASS_THROUGH) or not isinstance(node.args[0], fx.Node):
             return False
         node = node.args[0]
@@ -573,10 +570,10 @@ def attach_activation_quantisers(
     traced with torch.fx, SiLU and Hardswish written as ``x * sigmoid(x)`` and ``x * hardsigmoid(x)``,
     and an :class:`ActivationQuantiser` behind every Add/Mul of two tensors and every Sigmoid, and on
     each of their inputs that no quantiser covers yet (e.g. a Hardsigmoid gate), so the export
-    quantises those ops' inputs and outputs as
-    ORT's own PTQ does. Without them EfficientNet-B0's 65 SiLUs and its residual Adds ran in float between
-    DQ/Q pairs (125 DequantizeLinear left in ORT's optimised graph against PTQ's 18: 1.22x PTQ's p50,
-    benchmarks/results/qad_latency.json).
+    quantises those ops' inputs and outputs as ORT's own PTQ does; a layer read only by a ReLU takes
+    the ReLU's range (:func:`_fold_relus`). Without them EfficientNet-B0's 65 SiLUs and its residual
+    Adds ran in float between DQ/Q pairs (125 DequantizeLinear left in ORT's optimised graph against
+    PTQ's 18: 1.22x PTQ's p50, benchmarks/results/qad_latency.json).
 
     Returns the traced model, its quantisers and a record; a model torch.fx cannot trace (or whose
     trace computes something else) is returned as it was, with no quantisers and the reason recorded.
@@ -608,7 +605,6 @@ def attach_activation_quantisers(
                         ops["inputs"] = ops.get("inputs", 0) + 1
                 quantisers.append(_quantise_output(traced, node, len(quantisers)))
                 ops[op] = ops.get(op, 0) + 1
-            relus = _fold_relus(traced)
             traced.graph.lint()
             traced.recompile()
             for quantiser in quantisers:
@@ -619,6 +615,7 @@ def attach_activation_quantisers(
             if same.shape != reference.shape or not torch.allclose(same, reference, rtol=1e-4, atol=1e-5):
                 reason = "torch.fx's trace of the model computes different logits"
                 return model, [], {"count": 0, "ops": {}, "skipped": reason}
+            relus = _fold_relus(traced)  # marks the shared layers: only once the trace is kept
     finally:
         for wrapper in wrappers:
             wrapper.bypass = False
@@ -820,7 +817,7 @@ def qdq_layout(backend: str) -> str:
 def freeze_all(model: nn.Module) -> None:
     """Freeze every fake quantiser of ``model`` (weight scales fixed, biases stored on the INT32 grid)."""
     for module in model.modules():
-        if isinstance(module, (FakeQuantLayer, ActivationQuantiser)) and not module.frozen:
+        if isinstance(module, TensorQuantisers) and not module.frozen:
             module.freeze()
 
 
