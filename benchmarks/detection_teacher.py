@@ -39,13 +39,18 @@ from edgekd.console import console
 from edgekd.recipe import load_recipe
 
 HERE = Path(__file__).resolve().parent
-SHIPPED = HERE.parent / "edgekd" / "teachers" / "detr-mnv3l-scenes"
+TEACHERS = HERE.parent / "edgekd" / "teachers"
 
 
-def train_teacher(scenes: int, epochs: int, runs_dir: Path, start_from: Path | None = None) -> dict:
-    """The teacher stage on ``scenes`` built-in scenes of the disjoint seed; its record and checkpoint.
-    With ``start_from`` (a first cycle trained earlier) the stage only loads and scores it."""
+def train_teacher(
+    model: str, lr: float, scenes: int, epochs: int, runs_dir: Path, start_from: Path | None = None
+) -> dict:
+    """The teacher stage for ``model`` at ``lr`` on ``scenes`` built-in scenes of the disjoint seed; its
+    record and checkpoint. With ``start_from`` (a first cycle trained earlier) the stage only loads and
+    scores it."""
     overrides = [
+        f"teacher.model={model}",
+        f"teacher.train.lr={lr}",
         f"runs_dir={runs_dir}",
         "name=shipped-detr-teacher",
         "data.name=scenes",
@@ -108,9 +113,11 @@ def train_more(trained: dict, epochs: int, runs_dir: Path) -> dict:
     return {**trained, "outputs": outputs, "recipe": recipe_record, "file": file, "wall_s": wall}
 
 
-def score_on_default_task(runs_dir: Path) -> dict:
+def score_on_default_task(model: str, shipped: Path, runs_dir: Path) -> dict:
     """The shipped teacher's COCO mAP on the default detection run's held-out scenes (its seed)."""
-    recipe = load_recipe(HERE.parent / "recipes" / "detection.yaml", [f"runs_dir={runs_dir}", "name=score"])
+    overrides = [f"runs_dir={runs_dir}", "name=score", f"teacher.model={model}",
+                 f"teacher.checkpoint=builtin:{shipped.name}"]  # fmt: skip
+    recipe = load_recipe(HERE.parent / "recipes" / "detection.yaml", overrides)
     outputs = compress(recipe, until="teacher")["teacher"]
     return {"seed": recipe.seed, "scenes": recipe.data.scenes, "val_map": outputs["val_map"],
             "val_map50": outputs["val_map50"]}  # fmt: skip
@@ -118,6 +125,8 @@ def score_on_default_task(runs_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="edgekd:detr-r18", help="the registered DETR to train")
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (both cycles)")
     parser.add_argument("--scenes", type=int, default=5000, help="teacher set: scenes (5 % held out)")
     parser.add_argument("--epochs", type=int, default=14, help="teacher epochs, first cycle")
     parser.add_argument("--more-epochs", type=int, default=14, help="teacher epochs, second cycle; 0: none")
@@ -127,21 +136,24 @@ def main() -> None:
     args = parser.parse_args()
     runs_dir = Path(tempfile.mkdtemp(prefix="edgekd-detection-teacher-"))
     try:
-        trained = train_teacher(args.scenes, args.epochs, runs_dir, args.start_from)
+        trained = train_teacher(args.model, args.lr, args.scenes, args.epochs, runs_dir, args.start_from)
         if args.start_from:  # the first cycle's history and wall time, from its stage folder
             stage = json.loads((args.start_from.parent / "stage.json").read_text(encoding="utf-8"))
             trained["outputs"]["history"] = stage["outputs"]["history"]
             trained["wall_s"] = stage["wall_s"]
         if args.more_epochs:
             trained = train_more(trained, args.more_epochs, runs_dir)
+        history = trained["outputs"]["history"]
         own = {"own_held_out_map": trained["outputs"]["val_map"],
-               "own_held_out_map50": trained["outputs"]["val_map50"]}  # fmt: skip
-        path = ship(trained, SHIPPED, "benchmarks/detection_teacher.py", own, half=True)
+               "own_held_out_map50": trained["outputs"]["val_map50"],
+               "own_held_out_map_per_epoch": [row["val_map"] for row in history]}  # fmt: skip
+        shipped = TEACHERS / f"{args.model.partition(':')[2]}-scenes"
+        path = ship(trained, shipped, "benchmarks/detection_teacher.py", own, half=True)
         console.print(f"shipped {path} ({path.stat().st_size / 1e6:.1f} MB): own held-out {own}")
-        default = score_on_default_task(runs_dir)
+        default = score_on_default_task(args.model, shipped, runs_dir)
     finally:
         shutil.rmtree(runs_dir, ignore_errors=True)
-    provenance = SHIPPED.with_suffix(".json")
+    provenance = shipped.with_suffix(".json")
     record = json.loads(provenance.read_text(encoding="utf-8"))
     record["default_task_held_out"] = default
     atomic.write_json(provenance, record)

@@ -1,13 +1,13 @@
 """INT8 of a trained DETR: ONNX Runtime QDQ (the DETR rules, or naive), OpenVINO reading that QDQ model,
 and NNCF's own INT8 of the float model, scored by held-out mAP.
 
-The shipped teacher (``builtin:detr-mnv3l-scenes``, the best-trained DETR edgekd has) at the default
-run's 128 px, exported by :func:`edgekd.export.detection.export_detector`, calibrated on ``--calib``
-train scenes; every variant scored on the same ``--val`` held-out scenes with
-:func:`edgekd.detection.evaluate.evaluate_detector`. NNCF runs exactly as edgekd runs it
-(:func:`edgekd.quantize.nncf.quantize_openvino`, performance preset, fast bias correction), with
-the DETR settings NNCF offers (``model_type=TRANSFORMER``, the heads of
-:func:`edgekd.quantize.detr_rules.head_nodes` in the ignored scope) and without; the MIXED preset
+The shipped MobileNetV3-large teacher (``builtin:detr-mnv3l-scenes``, the default teacher before the
+ResNet-18 one) at the default run's 128 px, exported by
+:func:`edgekd.export.detection.export_detector`, calibrated on ``--calib`` train scenes; every variant
+scored on the same ``--val`` held-out scenes with :func:`edgekd.detection.evaluate.evaluate_detector`.
+NNCF runs exactly as edgekd runs it (:func:`edgekd.quantize.nncf.quantize_openvino`, performance
+preset, fast bias correction), with the DETR settings NNCF offers (``model_type=TRANSFORMER``, the heads
+of :func:`edgekd.quantize.detr_rules.head_nodes` in the ignored scope) and without; the MIXED preset
 (asymmetric activations) is the third NNCF variant, and the fourth keeps every MatMul's inputs in
 float (NNCF's ignored scope by type; ignoring Convolution or the element-wise ops instead does not help,
 measured once by hand). This is the measurement behind the detection

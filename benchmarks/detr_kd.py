@@ -1,8 +1,9 @@
 """DETR distillation on the built-in detection scenes: teacher, student alone, every detection method.
 
-The teacher is edgekd's shipped ``builtin:detr-mnv3l-scenes`` (``edgekd:detr-mnv3l`` trained by
-benchmarks/detection_teacher.py on 4,750 other scenes for 14 + 12 epochs), as in the default detection run;
-``--teacher-checkpoint none`` trains one per seed here instead (``--teacher-epochs``). Per seed: the
+The teacher is the default detection run's: edgekd's shipped ``builtin:detr-r18-scenes``
+(``edgekd:detr-r18`` trained by benchmarks/detection_teacher.py on 4,750 other scenes); ``--teacher``
+and ``--teacher-checkpoint`` name another (``builtin:NAME`` or a file), and ``--teacher-checkpoint none``
+trains one per seed here instead (``--teacher-epochs``). Per seed: the
 synthetic set (edgekd.detection.synthetic; default 3,000 train / 1,000 held-out scenes at 128 px, the
 default run's) is written once; the student (``edgekd:detr-mnv3``) is trained from the same
 initialisation (same seed) by each method of edgekd.detection.distill: ``none`` (the student alone),
@@ -45,11 +46,11 @@ from edgekd.models.checkpoint import load_weights
 from edgekd.models.detr import DETR
 from edgekd.recipe import TrainSpec
 from edgekd.report.build import environment
+from edgekd.tasks import DETECTION_DEFAULTS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "detr_kd.json"
-TEACHER, STUDENT = "edgekd:detr-mnv3l", "edgekd:detr-mnv3"
+TEACHER, STUDENT = DETECTION_DEFAULTS["teacher.model"], DETECTION_DEFAULTS["student.model"]
 METHODS = ["none", "memory-mse", "kd-detr", "clockdistill"]
-SHIPPED_TEACHER = "builtin:detr-mnv3l-scenes"
 
 
 def _model(name: str, classes: int, seed: int) -> DETR:
@@ -97,9 +98,10 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--val", type=int, default=1000)
     parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--teacher", default=TEACHER, help="the teacher's registered DETR")
     parser.add_argument(
         "--teacher-checkpoint",
-        default=SHIPPED_TEACHER,
+        default=f"builtin:{TEACHER.partition(':')[2]}-scenes",
         help="teacher weights (a file or builtin:NAME); none: train one per seed for --teacher-epochs",
     )
     parser.add_argument("--teacher-epochs", type=int, default=6)
@@ -123,12 +125,12 @@ def main() -> None:
             )
             data = (train_set, val_set.subset(np.arange(min(args.monitor, len(val_set)))))
             classes = len(train_set.classes)
-            teacher = _model(TEACHER, classes, seed)
+            teacher = _model(args.teacher, classes, seed)
             if args.teacher_checkpoint.lower() == "none":
                 folder = Path(temp) / f"teacher-{seed}"
                 wall = train(teacher, "none", None, data, args.teacher_epochs, args, seed, folder)
             else:
-                load_weights(teacher, teachers.resolve(args.teacher_checkpoint), TEACHER)
+                load_weights(teacher, teachers.resolve(args.teacher_checkpoint), args.teacher)
                 wall = 0.0
             runs["teacher"].append({"seed": seed, **score(teacher, val_set), "wall_s": wall})
             console.print(f"seed {seed} teacher: {runs['teacher'][-1]}")
@@ -181,7 +183,7 @@ def _write(args: argparse.Namespace, runs: dict[str, list[dict]], complete: bool
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     atomic.write_json(
         args.out,
-        {"teacher": TEACHER, "student": STUDENT, "settings": settings, "complete": complete,
+        {"teacher": args.teacher, "student": STUDENT, "settings": settings, "complete": complete,
          "results": summary, "environment": environment()},
     )  # fmt: skip
     return summary

@@ -1,9 +1,9 @@
 """The DETR teacher-memory cache: distillation time per epoch with the teacher live vs cached.
 
 Side by side in one process, on the built-in scenes (default run's 128 px, ``--train`` scenes), the
-shipped teacher (``builtin:detr-mnv3l-scenes``) and the student ``edgekd:detr-mnv3``: one epoch of
-:func:`edgekd.detection.train.train_detector` per method with ``cache_teacher`` off (the teacher's
-backbone, encoder and decoder run every step) and on (its encoder memory is computed once before the
+shipped MobileNetV3-large teacher (``builtin:detr-mnv3l-scenes``) and the student ``edgekd:detr-mnv3``:
+one epoch of :func:`edgekd.detection.train.train_detector` per method with ``cache_teacher`` off (the
+teacher's backbone, encoder and decoder run every step) and on (its encoder memory is computed once before the
 epochs, :func:`edgekd.detection.train.teacher_memories`; only its decoder runs per step). Reports the
 cache's size and build time and the epoch times; the cache pays from the first epoch when building it
 costs less than one epoch's teacher encoder passes. Run it alone on the machine.

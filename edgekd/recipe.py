@@ -145,7 +145,7 @@ class TeacherSpec(Section):
         validate_default=True,
         description="trained teacher weights (.pt, .safetensors), or builtin:NAME for a teacher edgekd "
         "ships (edgekd/teachers/; the default is the one shipped for the run's teacher.model and data.name: "
-        "ClST for the built-in radio task, detr-mnv3l for the built-in scenes); null: trained here",
+        "ClST for the built-in radio task, detr-r18 for the built-in scenes); null: trained here",
     )
     pretrained: bool = Field(False, description="timm models: start from the hub's pretrained weights")
     store: bool = Field(

@@ -226,8 +226,8 @@ def test_openvino_int8_of_the_shipped_teacher_keeps_its_map(tmp_path) -> None:
     from edgekd.models.checkpoint import load_weights
 
     train, held_out = load_synthetic(tmp_path / "scenes", seed=7, image_size=128, train=32, val=64)
-    teacher = build_model("edgekd:detr-mnv3l", len(train.classes), 3, kwargs={"task": "detection"})
-    load_weights(teacher, teachers.weights("detr-mnv3l-scenes"), "edgekd:detr-mnv3l")
+    teacher = build_model("edgekd:detr-r18", len(train.classes), 3, kwargs={"task": "detection"})
+    load_weights(teacher, teachers.weights("detr-r18-scenes"), "edgekd:detr-r18")
     fp32, qdq = tmp_path / "teacher.onnx", tmp_path / "teacher.int8.onnx"
     export_detector(teacher.eval(), (3, 128, 128), fp32)
     quantize_detr_ort(fp32, qdq, CalibrationSet(train.images, "scenes", "none", 32, 16))

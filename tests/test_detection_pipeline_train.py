@@ -20,10 +20,12 @@ from edgekd.detection.synthetic import CLASSES, write_split
 from edgekd.errors import DataError, RecipeError
 from edgekd.pipeline import RunContext, StageResult
 from edgekd.recipe import Recipe, load_recipe
-from edgekd.tasks import TASKS, check_recipe, task_of
+from edgekd.tasks import DETECTION_DEFAULTS, TASKS, check_recipe, task_of
 
 EDGEKD = [sys.executable, "-c", "from edgekd.cli import main; main()"]
 SIDE = 64  # small images keep every DETR here fast
+TEACHER = DETECTION_DEFAULTS["teacher.model"]  # edgekd:detr-r18
+SHIPPED_TEACHER = "detr-r18-scenes"
 MIN_SHIPPED_TEACHER_MAP50 = 0.08  # half of its 0.163 on these 64 scenes (seed 7); random weights: 0.0
 
 
@@ -70,27 +72,26 @@ def test_run_context_task_follows_the_data(tmp_path):
 
 def test_detection_defaults_fill_only_what_the_recipe_leaves_unset(tmp_path):
     recipe = load_recipe(None, ["data.name=scenes"])
-    assert (recipe.teacher.model, recipe.student.model) == ("edgekd:detr-mnv3l", "edgekd:detr-mnv3")
+    assert (recipe.teacher.model, recipe.student.model) == ("edgekd:detr-r18", "edgekd:detr-mnv3")
     assert recipe.distill.method == "clockdistill"
     assert recipe.data.image_size == 128
     # the shipped radio teacher does not stand for scenes; the shipped DETR teacher does
-    assert recipe.teacher.checkpoint == teachers.weights("detr-mnv3l-scenes")
-    for other in (
-        ["data.name=coco", "data.path=x.json"],
-        ["data.name=scenes", "teacher.model=edgekd:detr-r18"],
-    ):
-        assert load_recipe(None, other).teacher.checkpoint is None, other  # trained here
-    for train in (recipe.teacher.train, recipe.distill.train):
-        assert (train.batch_size, train.lr, train.weight_decay) == (16, 1e-3, 1e-4)
+    assert recipe.teacher.checkpoint == teachers.weights(SHIPPED_TEACHER)
+    coco = load_recipe(None, ["data.name=coco", "data.path=x.json"])
+    assert coco.teacher.checkpoint is None  # trained here
+    mobilenet = load_recipe(None, ["data.name=scenes", "teacher.model=edgekd:detr-mnv3l"])
+    assert mobilenet.teacher.checkpoint == teachers.weights("detr-mnv3l-scenes")  # the one shipped for it
+    for train, lr in ((recipe.teacher.train, 3e-4), (recipe.distill.train, 1e-3)):
+        assert (train.batch_size, train.lr, train.weight_decay) == (16, lr, 1e-4)
     chosen = load_recipe(None, ["data.name=scenes", "distill.method=none", "teacher.train.epochs=3"])
     assert chosen.distill.method == "none"
-    assert (chosen.teacher.train.epochs, chosen.teacher.train.lr) == (3, 1e-3)
+    assert (chosen.teacher.train.epochs, chosen.teacher.train.lr) == (3, 3e-4)
     again = Recipe.model_validate(recipe.model_dump(mode="json"))  # report.json's recipe round-trips
     assert again == recipe
 
 
 def test_the_shipped_detr_teacher_detects_scenes_it_never_saw(tmp_path):
-    """builtin:detr-mnv3l-scenes (float16 on disk) loads into the float32 teacher and finds the objects of
+    """builtin:detr-r18-scenes (float16 on disk) loads into the float32 teacher and finds the objects of
     scenes from another seed than it was trained on (benchmarks/detection_teacher.py)."""
     from safetensors.torch import load_file
 
@@ -99,13 +100,13 @@ def test_the_shipped_detr_teacher_detects_scenes_it_never_saw(tmp_path):
     from edgekd.models import build_model
     from edgekd.models.checkpoint import load_weights
 
-    shipped = teachers.weights("detr-mnv3l-scenes")
+    shipped = teachers.weights(SHIPPED_TEACHER)
     provenance = json.loads(shipped.with_suffix(".json").read_text())
-    assert provenance["model"] == "edgekd:detr-mnv3l" and provenance["weights_dtype"] == "float16"
+    assert provenance["model"] == TEACHER and provenance["weights_dtype"] == "float16"
     assert {tensor.dtype for tensor in load_file(shipped).values()} >= {torch.float16}
     _, held_out = load_synthetic(tmp_path, seed=7, train=1, val=64)
-    model = build_model("edgekd:detr-mnv3l", len(CLASSES), 3, kwargs={"task": "detection"})
-    load_weights(model, shipped, "edgekd:detr-mnv3l")
+    model = build_model(TEACHER, len(CLASSES), 3, kwargs={"task": "detection"})
+    load_weights(model, shipped, TEACHER)
     assert next(model.parameters()).dtype == torch.float32
     scores = evaluate_model(model, held_out)
     assert scores.map50 > MIN_SHIPPED_TEACHER_MAP50, scores
@@ -389,7 +390,7 @@ def test_compress_scenes_through_distill(tmp_path):
     )
     results = compress(recipe, until="distill", log=lambda m: None)
     teacher, distill = results["teacher"], results["distill"]
-    assert teacher["model"] == "edgekd:detr-mnv3l" and teacher["origin"] == "trained here on the set loss"
+    assert teacher["model"] == TEACHER and teacher["origin"] == "trained here on the set loss"
     assert distill["model"] == "edgekd:detr-mnv3" and distill["method"] == "clockdistill"
     for outputs in (teacher, distill):
         assert 0.0 <= outputs["val_map"] <= outputs["val_map50"] <= 1.0

@@ -83,7 +83,7 @@ def test_the_shipped_teacher_is_the_default_only_for_its_own_task():
     explicit = load_recipe(None, ["data.name=digits", "teacher.checkpoint=builtin:clst-radio-synthetic"])
     with pytest.raises(RecipeError, match=r"shipped teacher for data.name=radio-synthetic, not digits"):
         check_builtin_teacher(explicit)
-    shipped_names = r"clst-radio-synthetic, detr-mnv3l-scenes"
+    shipped_names = r"clst-radio-synthetic, detr-mnv3l-scenes, detr-r18-scenes"
     with pytest.raises(RecipeError, match=rf"no shipped teacher 'nope'; shipped: {shipped_names}"):
         load_recipe(None, ["teacher.checkpoint=builtin:nope"])
     from edgekd import teachers  # the benchmarks resolve builtin:NAME through the same function

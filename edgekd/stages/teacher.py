@@ -4,7 +4,7 @@ A teacher trained here is kept in the teacher store (:mod:`edgekd.distill.teache
 run with the same model, training settings, seed and data loads it from there instead of training
 (``--force teacher`` trains afresh and replaces the stored one).
 
-A detection run (:mod:`edgekd.tasks`) trains a DETR (``edgekd:detr-mnv3l`` by default) on DETR's set loss
+A detection run (:mod:`edgekd.tasks`) trains a DETR (``edgekd:detr-r18`` by default) on DETR's set loss
 with :func:`edgekd.detection.train.train_detector` (or loads ``teacher.checkpoint``, or reuses the
 store) and records its held-out COCO mAP (``val_map``, ``val_map50``) instead of an accuracy.
 
