@@ -39,7 +39,7 @@ DETECTION_DEFAULTS: dict[str, Any] = {
 # another teacher.model, or teacher.checkpoint null. On the built-in scenes edgekd ships its teacher
 # (builtin:detr-r18-scenes, benchmarks/detection_teacher.py: 18 epochs on 4,750 other scenes), because
 # one trained inside a 15-minute default run on two CPU cores is no stronger than its student
-# (benchmarks/results/detr_kd.json before it: teacher 6 epochs 1.5 mAP, student alone 5.6).
+# (benchmarks/results/detr_kd.json of session 8: teacher 6 epochs 1.5 mAP, student alone 5.6).
 # The lrs are ours (DAB-DETR's 1e-4 is for an ImageNet backbone), measured from random weights on the
 # built-in scenes (benchmarks/results/detr_convergence.json, one seed each, held-out mAP@.5): the
 # ResNet-18 teacher learns fastest at 3e-4 (0.156 after 6 epochs on 3,000 scenes) and not at all at
@@ -47,8 +47,9 @@ DETECTION_DEFAULTS: dict[str, Any] = {
 # 900 scenes, against 0.012 at 5e-4 after 15), and the MobileNetV3-large teacher (edgekd:detr-mnv3l)
 # is slow at 1e-3 (0.072 after 8 epochs on 3,000). The student's 14 epochs: after 7 (the earlier
 # default) it is at half of what it reaches after 14 (held-out mAP 5.5 vs 9.9 alone, 6.1 vs 10.1 with
-# CLoCKDistill: benchmarks/results/detr_kd.json, detr_kd_14_epochs.json), and with 14 the default run
-# takes 7.6 minutes on two CPU cores (benchmarks/results/detection_pipeline.json).
+# CLoCKDistill from the MobileNetV3-large teacher: benchmarks/results/detr_kd_mnv3l_teacher_*.json),
+# and with 14 the default run takes 9.6 minutes on two CPU cores
+# (benchmarks/results/detection_pipeline.json).
 DETECTION_TRAIN = {
     "teacher": {"epochs": 6, "batch_size": 16, "lr": 3e-4, "weight_decay": 1e-4},
     "distill": {"epochs": 14, "batch_size": 16, "lr": 1e-3, "weight_decay": 1e-4},
