@@ -101,8 +101,9 @@ def main() -> None:
     parser.add_argument("--teacher", default=TEACHER, help="the teacher's registered DETR")
     parser.add_argument(
         "--teacher-checkpoint",
-        default=f"builtin:{TEACHER.partition(':')[2]}-scenes",
-        help="teacher weights (a file or builtin:NAME); none: train one per seed for --teacher-epochs",
+        default=None,
+        help="teacher weights (a file or builtin:NAME; default: the one edgekd ships for --teacher on the "
+        "scenes); none: train one per seed for --teacher-epochs",
     )
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--epochs", type=int, default=14, help="student epochs, every method")
@@ -113,6 +114,11 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="where the scenes are written (temp)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.teacher_checkpoint is None:
+        shipped = teachers.shipped_for(args.teacher, "scenes")
+        if shipped is None:
+            parser.error(f"no shipped teacher for {args.teacher}: pass --teacher-checkpoint FILE or none")
+        args.teacher_checkpoint = f"{teachers.PREFIX}{shipped}"
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -401,8 +401,8 @@ class Recipe(Section):
         default = None if "checkpoint" in self.teacher.model_fields_set else self.teacher.checkpoint
         default = teachers.shipped_name(default)
         if default is not None and teachers.mismatch(default, *task):
-            fits = [name for name in teachers.names() if teachers.mismatch(name, *task) is None]
-            self.teacher.checkpoint = teachers.weights(fits[0]) if fits else None
+            shipped = teachers.shipped_for(*task)
+            self.teacher.checkpoint = teachers.weights(shipped) if shipped else None
         return self
 
     @field_validator("name")

@@ -66,3 +66,8 @@ def mismatch(name: str, teacher_model: str, data_name: str) -> tuple[str, str, s
         if have[field] != value:
             return field, value, have[field]
     return None
+
+
+def shipped_for(teacher_model: str, data_name: str) -> str | None:
+    """The name of the first shipped teacher trained for ``teacher_model`` on ``data_name``, else None."""
+    return next((name for name in names() if mismatch(name, teacher_model, data_name) is None), None)
