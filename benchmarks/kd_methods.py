@@ -12,6 +12,7 @@ that need the teacher's feature maps or mixed inputs run it live, which the wall
 Prints a table (and, with --markdown, the README's table) and writes benchmarks/results/kd_methods.json,
 keeping the tasks not run this time (each task records its own seeds, overrides and environment).
     python benchmarks/kd_methods.py [--seeds 0 1 2] [--methods none kd dkd] [--tasks radio]
+                                    [--set FIELD=VALUE ...] [--out FILE]
 With --methods, the rows of the other methods are kept from the earlier run of the same task, seeds and
 overrides (marked ``from_earlier_run``).
 """
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
     parser.add_argument("--markdown", action="store_true", help="also print the README table")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results file (one per setting)")
     args = parser.parse_args()
     methods = ["none", *[m for m in args.methods if m != "none"]]  # the baseline every gain refers to
     runs_dir = Path(tempfile.mkdtemp(prefix="edgekd-kd-methods-"))
@@ -182,12 +184,12 @@ def main() -> None:
             console.print(_markdown(task, result), markup=False, highlight=False)
     for result in results.values():
         result.update(seeds=args.seeds, overrides=args.overrides, environment=environment())
-    kept = json.loads(RESULTS.read_text(encoding="utf-8"))["tasks"] if RESULTS.is_file() else {}
+    kept = json.loads(args.out.read_text(encoding="utf-8"))["tasks"] if args.out.is_file() else {}
     for task, result in results.items():
         _keep_methods_not_rerun(result, kept.get(task))
     tasks = {**{task: kept_result for task, kept_result in kept.items() if task not in results}, **results}
-    atomic.write_json(RESULTS, {"benchmark": "kd_methods", "tasks": tasks})
-    console.print(f"wrote {RESULTS}")
+    atomic.write_json(args.out, {"benchmark": "kd_methods", "tasks": tasks})
+    console.print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
