@@ -1,5 +1,6 @@
 """Recipe loading: defaults, YAML, overrides and one-line errors for every kind of bad field."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,18 @@ def test_default_recipe_file_lists_every_field():
     for section in ("data", "teacher", "student", "distill", "export", "quantize", "profile"):
         for field in type(getattr(Recipe(), section)).model_fields:
             assert f"{field}:" in text, f"{section}.{field} missing from {DEFAULT_RECIPE.name}"
+
+
+def test_patient_recipe_is_the_measured_patient_setting():
+    """recipes/radio-patient.yaml is the default recipe plus exactly the overrides that
+    benchmarks/results/kd_methods_patient.json measured, so the README's figures are this recipe's."""
+    root = DEFAULT_RECIPE.parent.parent
+    patient = load_recipe(root / "recipes" / "radio-patient.yaml")
+    measured = json.loads((root / "benchmarks" / "results" / "kd_methods_patient.json").read_text())
+    overrides = measured["tasks"]["radio"]["overrides"]
+    assert patient == load_recipe(None, [*overrides, "name=radio-patient"])
+    assert patient.distill.train.epochs == 150 and patient.distill.augment.variants == 16
+    assert patient.distill.train.batch_size == Recipe().distill.train.batch_size  # the rest: defaults
 
 
 def test_overrides_are_typed_and_nested(tmp_path: Path):
