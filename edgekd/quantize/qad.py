@@ -58,9 +58,12 @@ al., 2013); QAD replaces its label loss by distillation from the FP32 teacher (M
   distill lr / 30). On digits an epoch is 9 AdamW steps: 3 epochs barely moved the PTQ start
   (EfficientNet-B0 drop 0.67/2.23/0.67 points), 10 epochs gave 0.00/0.45/0.89 (MobileNetV3
   per-tensor 1.56/1.11/-0.67 -> 1.11/0.22/-0.45). Distilling from the FP32 student itself instead
-  of the teacher was worse (seed 1, fake-quant top-1: 0.935 vs 0.947). What is left is near the
-  runtime's own floor: ORT's fused QLinearConv kernels flip 0.2-0.9 % of the held-out predictions of
-  the fake-quant model (rounding ties propagating; the parity gate's 99 %), i.e. 1-4 of 449 images.
+  of the teacher was worse (seed 1, fake-quant top-1: 0.935 vs 0.947), and so was fine-tuning on 10
+  augmented views per frame (the image bank, teacher run on each view, the same number of steps:
+  ONNX drops 0.22/1.11/1.56 points against -0.22/1.34/1.11 on the same three students, one run by
+  hand). What is left is near the runtime's own floor: ORT's fused QLinearConv kernels flip
+  0.2-0.9 % of the held-out predictions of the fake-quant model (rounding ties propagating; the
+  parity gate's 99 %), i.e. 1-4 of 449 images.
 - **Biases on the INT32 grid** (scale = input scale x weight scale, with STE), stored so at export:
   ONNX Runtime's WeightBiasQuantization rewrites a float bias behind DequantizeLinear inputs to INT32
   when it optimises the graph; with an off-grid bias that moved the logits of a MobileNetV3 by ~2
