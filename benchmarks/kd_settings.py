@@ -41,13 +41,18 @@ from edgekd.console import console
 from edgekd.report.build import environment
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kd_settings.json"
-BANK = ["distill.augment.enabled=true", "distill.augment.variants=8"]
-BANK_16 = ["distill.augment.enabled=true", "distill.augment.variants=16"]
+
+
+def bank(variants: int) -> list[str]:
+    """The overrides that train on an augmentation bank of ``variants`` views per frame."""
+    return ["distill.augment.enabled=true", f"distill.augment.variants={variants}"]
+
+
 SETTINGS: dict[str, list[str]] = {
     "default": [],
     "long": ["distill.train.epochs=45"],
-    "long-bank": ["distill.train.epochs=45", *BANK],
-    "patient-bank": ["distill.train.epochs=150", *BANK_16],
+    "long-bank": ["distill.train.epochs=45", *bank(8)],
+    "patient-bank": ["distill.train.epochs=150", *bank(16)],
     # distill.method=kd for the shared teacher run (the recipe's skd needs every label); each method
     # run then sets its own
     "unlabelled": ["data.frames_per_class_snr=200", "distill.label_fraction=0.2", "distill.method=kd"],
